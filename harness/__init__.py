@@ -1,0 +1,1 @@
+"""attnbench's harness: Hydra-configured sweeps, measurement, results, reports and comparison."""

@@ -1,0 +1,95 @@
+"""FlexAttention baselines: ``torch.compile(flex_attention)`` with the block mask or score_mod
+that reproduces one of our own variants exactly (``flex_full`` reproduces ``full``).
+
+Each flex variant wraps its twin (built with the same options, so parameters are shared) and
+takes its FLOPs and memory model from it. The first call for a new shape compiles: its wall
+time is kept in ``compile_s`` so the harness reports it apart from latency.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from . import registry
+from .registry import Attention, Common, register
+
+
+@functools.cache
+def compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def twin_config(twin: type[Common]) -> type[Common]:
+    """The twin's config plus ``compile`` (False runs flex_attention eagerly: slow, same maths)."""
+    return dataclasses.make_dataclass(
+        f"Flex{twin.__name__}",
+        [("compile", bool, dataclasses.field(default=True))],
+        bases=(twin,),
+    )
+
+
+class FlexTwin(Attention):
+    """Subclasses set ``twin`` and may override :meth:`mask_mod` and :meth:`score_mod`."""
+
+    twin: str = "full"
+    compiled = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        options.pop("compile")
+        self.inner = registry.build(self.twin, **options)  # shares its parameters
+        self.compile_s: float | None = None  # wall time of the last first-call-for-a-shape
+        self._seen: set = set()
+
+    def mask_mod(self, causal: bool, seq_len: int):
+        """A flex mask_mod (b, h, q_idx, kv_idx) -> bool, or None when every pair is visible."""
+        if causal:
+            return lambda b, h, q_idx, kv_idx: q_idx >= kv_idx
+        return None
+
+    def score_mod(self, seq_len: int):
+        return None
+
+    def unsupported(self, *, device="cpu", dtype=torch.float32, causal=False, seq_len=None):
+        reasons = super().unsupported(device=device, dtype=dtype, causal=causal, seq_len=seq_len)
+        reasons += self.inner.unsupported(device=device, dtype=dtype, causal=causal, seq_len=seq_len)
+        if self.cfg.compile and torch.device(device).type == "cpu" and dtype == torch.float64:
+            reasons.append("compiled FlexAttention on CPU has no float64 kernel; use float32")
+        return reasons
+
+    def attend(self, q, k, v, causal):
+        n_q, n_k = q.shape[-2], k.shape[-2]
+        block_mask = self._block_mask(causal, n_q, n_k, q.device.type, str(q.device))
+        fn = compiled_flex() if self.cfg.compile else flex_attention
+        key = (tuple(q.shape), q.dtype, str(q.device), causal, q.requires_grad)
+        first = self.cfg.compile and key not in self._seen
+        start = time.perf_counter()
+        out = fn(q, k, v, score_mod=self.score_mod(n_q), block_mask=block_mask)
+        if first:
+            self._seen.add(key)
+            self.compile_s = time.perf_counter() - start
+        return out
+
+    @functools.lru_cache(maxsize=32)  # noqa: B019 (one module lives as long as its masks)
+    def _block_mask(self, causal, n_q, n_k, device_type, device):
+        mod = self.mask_mod(causal, n_q)
+        if mod is None:
+            return None
+        return create_block_mask(mod, None, None, n_q, n_k, device=device)
+
+    def flops(self, **shape):
+        return self.inner.flops(**shape)
+
+    def memory_model(self, **shape):
+        return self.inner.memory_model(**shape)
+
+
+@register("flex_full", config=twin_config(registry.config_class("full")))
+class FlexFull(FlexTwin):
+    twin = "full"

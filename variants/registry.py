@@ -1,0 +1,154 @@
+"""The variant registry: the one way every attention implementation is reached.
+
+See ``../shared/design/variants-api.md``. A variant is a subclass of :class:`Attention` with a
+typed config dataclass (a subclass of :class:`Common`), registered under one name with
+:func:`register`. The harness, the tests and the reports reach variants only through
+:func:`available` and :func:`build`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class Unsupported(NotImplementedError):
+    """A case a variant cannot run. The message says why, and what to do instead."""
+
+
+@dataclass
+class Common:
+    """Options every variant accepts (a variant that does not need one ignores it)."""
+
+    seq_len: int | None = None  # length the module is built for; Linformer sizes its projections by it
+    num_heads: int = 8  # heads per call; variants with per-head parameters size them by it
+    head_dim: int = 64  # channels per head; FAVOR draws its random features in this dimension
+    seed: int = 0  # seeds every random draw of the variant (projections, hashes, layouts)
+
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+class Attention(nn.Module):
+    """Base of every variant: ``attn(q, k, v, causal=False)`` on (batch, heads, seq_len, head_dim).
+
+    Subclasses implement :meth:`attend` and :meth:`flops`, and extend :meth:`unsupported` with
+    the cases they cannot run.
+    """
+
+    name: str = "?"  # set by build(): the registry key
+    compiled: bool = False  # True for torch.compile'd baselines: their first call is compile time
+
+    def __init__(self, cfg: Common):
+        super().__init__()
+        self.cfg = cfg
+
+    # --- capabilities -------------------------------------------------------------------------
+    def unsupported(
+        self, *, device="cpu", dtype=torch.float32, causal=False, seq_len=None
+    ) -> list[str]:
+        """Reasons this variant cannot run the case (empty: it can). Runs nothing."""
+        if dtype not in FLOAT_DTYPES:
+            return [f"dtype {dtype} is not a floating type this variant computes in"]
+        return []
+
+    # --- cost models --------------------------------------------------------------------------
+    def flops(self, *, batch, heads, seq_len, head_dim, causal=False, backward=False) -> int:
+        """Analytic FLOPs of the useful work (2 per multiply-add); ``backward=True`` counts
+        forward plus backward (the ``fwd_bwd`` pass)."""
+        raise NotImplementedError
+
+    def memory_model(self, *, batch, heads, seq_len, head_dim, causal=False, dtype=torch.float32):
+        """Analytic bytes of the forward's transient peak above its inputs, or None if unknown."""
+        return None
+
+    # --- the call -----------------------------------------------------------------------------
+    def forward(self, q, k, v, causal: bool = False):
+        _check_inputs(q, k, v)
+        reasons = self.unsupported(
+            device=q.device, dtype=q.dtype, causal=causal, seq_len=q.shape[-2]
+        )
+        if reasons:
+            raise Unsupported(f"{self.name}: " + "; ".join(reasons))
+        return self.attend(q, k, v, causal)
+
+    def attend(self, q, k, v, causal: bool):
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.cfg).items())
+
+
+def _check_inputs(q, k, v):
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        raise ValueError(
+            "q, k, v must be 4-d (batch, heads, seq_len, head_dim); got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must share one dtype and one device")
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"q and k need the same head_dim and k, v the same length; got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+
+
+# --- the registry ---------------------------------------------------------------------------
+_REGISTRY: dict[str, tuple[type[Attention], type[Common]]] = {}
+
+
+def register(name: str, config: type[Common] = Common):
+    """Class decorator: register an :class:`Attention` subclass under ``name``."""
+    if not (dataclasses.is_dataclass(config) and issubclass(config, Common)):
+        raise TypeError(f"{name}: config must be a dataclass derived from variants.Common")
+
+    def deco(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"variant {name!r} is already registered (by {_REGISTRY[name][0]})")
+        if not issubclass(cls, Attention):
+            raise TypeError(f"{name}: {cls} must derive from variants.Attention")
+        _REGISTRY[name] = (cls, config)
+        return cls
+
+    return deco
+
+
+def available() -> list[str]:
+    """Every registered variant name, sorted."""
+    return sorted(_REGISTRY)
+
+
+def config_class(name: str) -> type[Common]:
+    """The typed config dataclass (with the defaults) of variant ``name``."""
+    return _lookup(name)[1]
+
+
+def option_names(name: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(config_class(name))]
+
+
+def build(name: str, **options) -> Attention:
+    """Build variant ``name`` with ``options`` (its config fields; unknown ones are refused)."""
+    cls, config = _lookup(name)
+    known = option_names(name)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(
+            f"variant {name!r} has no option {unknown[0]!r}; its options are: {', '.join(known)}"
+        )
+    module = cls(config(**options))
+    module.name = name
+    return module
+
+
+def _lookup(name: str):
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown variant {name!r}; available: {', '.join(available())}"
+        ) from None
