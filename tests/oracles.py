@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 
 
-def qkv(batch=2, heads=3, seq_len=50, head_dim=16, dtype=torch.float64, seed=0, requires_grad=False):
+def qkv(
+    batch=2, heads=3, seq_len=50, head_dim=16, dtype=torch.float64, seed=0, requires_grad=False
+):
     g = torch.Generator().manual_seed(seed)
     make = lambda: torch.randn(batch, heads, seq_len, head_dim, generator=g, dtype=dtype)
     q, k, v = make(), make(), make()

@@ -4,10 +4,18 @@ Each module is imported explicitly so that a broken variant fails loudly at impo
 instead of silently vanishing from the registry.
 """
 
-from . import full, local, relative, sparse  # noqa: F401  (exact attention, masking family)
-from . import linear, linformer, reformer  # noqa: F401  (approximation family)
-from . import sdpa, xformers_attn  # noqa: F401  (library baselines)
-from . import flex  # noqa: F401  (FlexAttention twins; after the variants they reproduce)
+from . import (  # noqa: F401  (exact attention, masking family)  # noqa: F401  (approximation family)  # noqa: F401  (library baselines)
+    flex,  # noqa: F401  (FlexAttention twins; after the variants they reproduce)
+    full,
+    linear,
+    linformer,
+    local,
+    reformer,
+    relative,
+    sdpa,
+    sparse,
+    xformers_attn,
+)
 from .registry import (
     Attention,
     Common,

@@ -58,10 +58,17 @@ class FlexTwin(Attention):
 
     def unsupported(self, *, device="cpu", dtype=torch.float32, causal=False, seq_len=None):
         reasons = super().unsupported(device=device, dtype=dtype, causal=causal, seq_len=seq_len)
-        reasons += self.inner.unsupported(device=device, dtype=dtype, causal=causal, seq_len=seq_len)
+        reasons += self.inner.unsupported(
+            device=device, dtype=dtype, causal=causal, seq_len=seq_len
+        )
         if self.cfg.compile and torch.device(device).type == "cpu" and dtype == torch.float64:
             reasons.append("compiled FlexAttention on CPU has no float64 kernel; use float32")
         return reasons
+
+    def backward_unsupported(self, *, device="cpu"):
+        if torch.device(device).type == "cpu":
+            return ["FlexAttention has no backward on CPU (PyTorch refuses it); time fwd only"]
+        return []
 
     def attend(self, q, k, v, causal):
         n_q, n_k = q.shape[-2], k.shape[-2]

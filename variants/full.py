@@ -22,7 +22,9 @@ class FullConfig(Common):
 
     def __post_init__(self):
         if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"full: chunk_size must be a positive int or None, got {self.chunk_size}")
+            raise ValueError(
+                f"full: chunk_size must be a positive int or None, got {self.chunk_size}"
+            )
 
 
 def dense_attention(q, k, v, causal: bool):

@@ -23,7 +23,9 @@ class Unsupported(NotImplementedError):
 class Common:
     """Options every variant accepts (a variant that does not need one ignores it)."""
 
-    seq_len: int | None = None  # length the module is built for; Linformer sizes its projections by it
+    seq_len: int | None = (
+        None  # length the module is built for; Linformer sizes its projections by it
+    )
     num_heads: int = 8  # heads per call; variants with per-head parameters size them by it
     head_dim: int = 64  # channels per head; FAVOR draws its random features in this dimension
     seed: int = 0  # seeds every random draw of the variant (projections, hashes, layouts)
@@ -55,6 +57,10 @@ class Attention(nn.Module):
             return [f"dtype {dtype} is not a floating type this variant computes in"]
         return []
 
+    def backward_unsupported(self, *, device="cpu") -> list[str]:
+        """Reasons this variant cannot run a backward pass on ``device`` (empty: it can)."""
+        return []
+
     # --- cost models --------------------------------------------------------------------------
     def flops(self, *, batch, heads, seq_len, head_dim, causal=False, backward=False) -> int:
         """Analytic FLOPs of the useful work (2 per multiply-add); ``backward=True`` counts
@@ -71,6 +77,8 @@ class Attention(nn.Module):
         reasons = self.unsupported(
             device=q.device, dtype=q.dtype, causal=causal, seq_len=q.shape[-2]
         )
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            reasons += self.backward_unsupported(device=q.device)
         if reasons:
             raise Unsupported(f"{self.name}: " + "; ".join(reasons))
         return self.attend(q, k, v, causal)
@@ -149,6 +157,4 @@ def _lookup(name: str):
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
-            f"unknown variant {name!r}; available: {', '.join(available())}"
-        ) from None
+        raise ValueError(f"unknown variant {name!r}; available: {', '.join(available())}") from None

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .common import dense_pairs, itemsize, softmax_flops
-from .registry import Attention, Common, Unsupported, register
+from .registry import Attention, Unsupported, register
 
 HALF = (torch.float16, torch.bfloat16)
 

@@ -8,7 +8,7 @@ import functools
 import torch
 
 from .common import dense_pairs, itemsize, softmax_flops
-from .registry import Attention, Common, Unsupported, register
+from .registry import Attention, Unsupported, register
 
 
 @functools.cache
