@@ -4,8 +4,11 @@ Each module is imported explicitly so that a broken variant fails loudly at impo
 instead of silently vanishing from the registry.
 """
 
-from . import (  # noqa: F401  (exact attention, masking family)  # noqa: F401  (approximation family)  # noqa: F401  (library baselines)
-    flex,  # noqa: F401  (FlexAttention twins; after the variants they reproduce)
+# Own implementations: full, local, sparse, relative (exact or masked softmax attention) and
+# linear, linformer, reformer (approximations). Library baselines: sdpa, xformers_attn, and flex
+# (FlexAttention twins of full, local, sparse and relative).
+from . import (  # noqa: F401
+    flex,
     full,
     linear,
     linformer,
