@@ -1,0 +1,148 @@
+"""The harness's structured configs: dataclasses stored in Hydra's ConfigStore.
+
+Every key has a type, so a typo on the command line or in a YAML file fails when the config is
+composed, not an hour into a sweep. The ``variant`` node is generated from the registry (one
+field per variant, typed with its config dataclass) and the defaults list pulls in every
+``conf/variant/<name>.yaml``: a new variant needs its module and its YAML file, nothing here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+import variants
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+PASSES = ("fwd", "fwd_bwd")
+ENTRY_AXES = ("seq_lens", "num_heads", "causal")  # grid axes an extra entry may narrow
+GRID_OPTIONS = ("seq_len", "num_heads", "head_dim")  # set per cell by the grid, not by variant.*
+
+
+@dataclass
+class ExtraCell:
+    """More cells: a variant with other options than its ``variant.<name>`` ones (``sparse``
+    with ``pattern: bigbird`` beside the default ``fixed``), or on a narrower grid (compiled
+    twins at fewer shapes, since each new shape compiles again)."""
+
+    variant: str = MISSING  # a name or an fnmatch pattern ("flex_*")
+    options: dict[str, Any] = field(default_factory=dict)  # merged over variant.<name>
+    seq_lens: list[int] | None = None  # None: the sweep's list (likewise below)
+    num_heads: list[int] | None = None
+    causal: list[bool] | None = None
+
+
+@dataclass
+class SweepConfig:
+    name: str = "custom"  # the preset's name, recorded in meta.json
+    # Registered names or fnmatch patterns; "all" is every registered variant. Variants that
+    # cannot run a case are still swept: they give `unsupported` rows, never silent gaps.
+    variants: list[str] = field(default_factory=lambda: ["all"])
+    exclude: list[str] = field(default_factory=list)  # names or patterns taken out of `variants`
+    extra: list[ExtraCell] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=lambda: [256, 1024])
+    num_heads: list[int] = field(default_factory=lambda: [4])
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    head_dims: list[int] = field(default_factory=lambda: [64])
+    dtypes: list[str] = field(default_factory=lambda: ["float32"])
+    causal: list[bool] = field(default_factory=lambda: [False])
+    passes: list[str] = field(default_factory=lambda: list(PASSES))
+    min_run_time: float = 0.2  # seconds of timed blocks per cell (blocked_autorange)
+    min_blocks: int = 5  # at least this many timed blocks, so the IQR means something
+    timeout_s: float = 300.0  # per cell, compilation included; over it: a `timeout` row
+    memory_budget_mb: float | None = None  # None: 70% of free RAM (CPU), 90% of the GPU's memory
+    seed: int = 0  # seeds the random q, k, v of every cell
+
+
+@dataclass
+class DeviceConfig:
+    name: str = "cpu"  # "cpu", "cuda" or "cuda:<index>"
+    threads: int | None = None  # torch CPU threads in the worker; None: torch's default
+    matmul_size: int | None = None  # n of the n x n matmul peak; None: 2048 (CPU), 8192 (CUDA)
+
+
+def variants_config() -> type:
+    """A dataclass with one field per registered variant, typed with its config class."""
+    fields = []
+    for name in variants.available():
+        cls = variants.config_class(name)
+        fields.append((name, cls, field(default_factory=cls)))
+    return dataclasses.make_dataclass("VariantsConfig", fields)
+
+
+def defaults_list() -> list[Any]:
+    """Every variant's YAML at ``variant.<name>``, generated so no name is listed by hand."""
+    entries: list[Any] = ["_self_", {"device": "cpu"}, {"sweep": "default"}]
+    for name in variants.available():
+        if (CONF_DIR / "variant" / f"{name}.yaml").exists():  # the dataclass defaults otherwise
+            entries.append({f"variant@variant.{name}": name})
+    return entries
+
+
+def hydra_settings() -> dict:
+    """Hydra's own output (config, overrides, log) goes inside the run's results folder."""
+    return {
+        "run": {"dir": "${results_dir}/${run_id}/.hydra"},
+        "sweep": {"dir": "${results_dir}", "subdir": "${run_id}/.hydra"},
+        "output_subdir": ".",  # relative to the dirs above: no .hydra/.hydra nesting
+        "job": {"chdir": False},
+        "help": {"app_name": "python -m harness", "header": HELP_HEADER, "footer": HELP_FOOTER},
+    }
+
+
+HELP_HEADER = """python -m harness [key=value ...]: measure attention variants (latency, peak
+memory, FLOPs) over a grid; one row per cell in <results_dir>/<run_id>/results.csv.
+Presets: sweep=default|ci|scaling|gpu, device=cpu|cuda. The `variant` group below holds each
+variant's options (variant.local.window=64), it is not a selector: use sweep.variants=[...]."""
+
+HELP_FOOTER = """Examples:
+  python -m harness sweep=ci
+  python -m harness sweep.variants=[full,local] sweep.seq_lens=[1024,2048] variant.local.window=64
+  python -m harness resume=<run_id>          (measure only the cells still missing)
+  python -m harness task=mqar preset=cpu     (accuracy rows, harness/tasks)"""
+
+
+def new_run_id(resume: str | None) -> str:
+    """A resumed run keeps its id; a new one is its start time plus a short random tag (two
+    runs started in the same second must not share a folder)."""
+    if resume:
+        return str(resume)
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def make_config_class() -> type:
+    variant_node = variants_config()
+    return dataclasses.make_dataclass(
+        "Config",
+        [
+            ("defaults", list[Any], field(default_factory=defaults_list)),
+            ("sweep", SweepConfig, field(default_factory=SweepConfig)),
+            ("device", DeviceConfig, field(default_factory=DeviceConfig)),
+            ("variant", variant_node, field(default_factory=variant_node)),
+            ("results_dir", str, field(default="results")),
+            # Interpolated once per composed config (the resolver is cached), so Hydra's output
+            # dir and the results folder agree.
+            ("run_id", str, field(default="${harness_run_id:${resume}}")),
+            ("resume", str | None, field(default=None)),  # a run_id: measure only missing cells
+            ("report", bool, field(default=True)),  # render harness.report's page at the end
+            ("task", str | None, field(default=None)),  # an accuracy task instead of a speed sweep
+            ("preset", str, field(default="ci")),  # the accuracy task's preset
+            ("hydra", Any, field(default_factory=hydra_settings)),
+        ],
+    )
+
+
+def register_configs() -> None:
+    """Store the schemas (idempotent: tests may call it again after registering a variant)."""
+    OmegaConf.register_new_resolver("harness_run_id", new_run_id, use_cache=True, replace=True)
+    ConfigStore.instance().store(name="config", node=make_config_class())
+
+
+register_configs()

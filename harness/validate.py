@@ -1,0 +1,224 @@
+"""Refuse bad input before anything runs, with one message that says what to do.
+
+``check(cfg)`` turns a composed config into a :class:`Plan` (the variant entries with their
+options, the device, threads and memory budget) or raises :class:`ConfigError`. Nothing is
+created on disk here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import importlib
+import importlib.util
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+from omegaconf import OmegaConf
+
+import variants
+
+from .config import ENTRY_AXES, GRID_OPTIONS, PASSES
+from .measure import DTYPES
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration: printed as one message, exit code 2."""
+
+
+@dataclass
+class Entry:
+    """One variant with one set of options (a variant may appear twice: see sweep.extra)."""
+
+    name: str
+    options: dict
+    axes: dict  # seq_lens, num_heads, causal of this entry: the sweep's unless an extra narrows
+
+
+@dataclass
+class Plan:
+    entries: list[Entry]
+    device: str
+    threads: int
+    budget_bytes: int | None
+    dtypes: list[str] = field(default_factory=list)
+    matmul_size: int | None = None
+
+
+def check(cfg) -> Plan:
+    sweep = cfg.sweep
+    _check_grid(sweep)
+    device = _check_device(cfg.device.name)
+    for name in sweep.dtypes:
+        _check_dtype(name, device)
+    threads = _check_threads(cfg.device.threads)
+    entries = _entries(cfg)
+    for entry in entries:
+        _check_builds(entry, sweep)
+    if cfg.resume:
+        _check_resume(cfg)
+    if cfg.task:
+        _check_task(cfg.task)
+    budget = _budget(sweep.memory_budget_mb, device)
+    dtypes = [str(d) for d in sweep.dtypes]
+    return Plan(entries, device, threads, budget, dtypes, cfg.device.get("matmul_size"))
+
+
+# --- the grid ---------------------------------------------------------------------------------
+def _check_grid(sweep) -> None:
+    _check_axes({k: list(sweep[k]) for k in (*ENTRY_AXES, "batch_sizes", "head_dims")}, "sweep.")
+    for key in ("dtypes", "passes"):
+        if not list(sweep[key]):
+            raise ConfigError(f"sweep.{key} is empty")
+    unknown = [p for p in sweep.passes if p not in PASSES]
+    if unknown:
+        raise ConfigError(f"unknown pass {unknown[0]!r} in sweep.passes; use {', '.join(PASSES)}")
+    if sweep.min_run_time <= 0 or sweep.timeout_s <= 0 or sweep.min_blocks < 1:
+        raise ConfigError("sweep.min_run_time and sweep.timeout_s must be > 0, min_blocks >= 1")
+    if sweep.memory_budget_mb is not None and sweep.memory_budget_mb <= 0:
+        raise ConfigError("sweep.memory_budget_mb must be > 0 (or null for the automatic one)")
+
+
+def _check_axes(axes: dict, prefix: str) -> None:
+    for key, values in axes.items():
+        if not values:
+            raise ConfigError(f"{prefix}{key} is empty; give at least one value")
+        if key == "causal":
+            continue
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if bad:
+            raise ConfigError(f"{prefix}{key} must be positive integers; got {bad[0]!r}")
+
+
+# --- the device -------------------------------------------------------------------------------
+def _check_device(name: str) -> str:
+    if name == "cpu":
+        return name
+    m = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if not m:
+        raise ConfigError(f"unknown device {name!r}; use device=cpu or device=cuda (or cuda:N)")
+    if not torch.cuda.is_available():
+        build = "this torch is a CPU-only build" if torch.version.cuda is None else "no GPU found"
+        raise ConfigError(
+            f"device={name} but CUDA is not available here ({build}); "
+            "run on a machine with a CUDA GPU, or use device=cpu"
+        )
+    index = int(m.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"device={name}, but only {torch.cuda.device_count()} GPU(s) here")
+    return name
+
+
+def _check_dtype(name: str, device: str) -> None:
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r} in sweep.dtypes; use {', '.join(DTYPES)}")
+    dtype = DTYPES[name]
+    if device != "cpu" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU cannot compute in bfloat16; use float16 or float32")
+    try:  # ask the device itself: a tiny matmul in that dtype
+        a = torch.ones(4, 4, device=device, dtype=dtype)
+        (a @ a).sum().item()
+    except RuntimeError as e:
+        raise ConfigError(f"device {device} cannot compute in {name}: {e}") from None
+
+
+def _check_threads(threads) -> int:
+    if threads is None:
+        return torch.get_num_threads()
+    if threads < 1:
+        raise ConfigError(
+            f"device.threads must be >= 1 (or null for torch's default), not {threads}"
+        )
+    return threads
+
+
+def _budget(budget_mb, device: str) -> int | None:
+    """The memory a cell may plan to use: given, or a safe share of what the device has."""
+    if budget_mb is not None:
+        return int(budget_mb * 2**20)
+    if device == "cpu":
+        return int(0.7 * psutil.virtual_memory().available)
+    return int(0.9 * torch.cuda.get_device_properties(torch.device(device)).total_memory)
+
+
+# --- the variants -----------------------------------------------------------------------------
+def _expand(patterns, exclude, where: str = "sweep.variants") -> list[str]:
+    """Names and fnmatch patterns ("all" = every registered variant) to registered names."""
+    available = variants.available()
+    names: list[str] = []
+    for pattern in patterns:
+        matched = fnmatch.filter(available, "*" if pattern == "all" else pattern)
+        if not matched:
+            raise ConfigError(
+                f"unknown variant {pattern!r} in {where}; available: {', '.join(available)}"
+            )
+        names += [n for n in matched if n not in names]
+    return [n for n in names if not any(fnmatch.fnmatch(n, x) for x in exclude)]
+
+
+def variant_options(cfg, name: str) -> dict:
+    """``variant.<name>`` without the options the grid sets per cell; a variant registered after
+    the config was composed (a plugin, a test) gets its dataclass defaults."""
+    if name in cfg.variant:
+        options = OmegaConf.to_container(cfg.variant[name], resolve=True)
+    else:
+        options = dataclasses.asdict(variants.config_class(name)())
+    return {k: v for k, v in options.items() if k not in GRID_OPTIONS}
+
+
+def _entries(cfg) -> list[Entry]:
+    sweep = cfg.sweep
+    axes = {axis: _plain(sweep[axis]) for axis in ENTRY_AXES}
+    names = _expand(sweep.variants, sweep.exclude)
+    entries = [Entry(n, variant_options(cfg, n), axes) for n in names]
+    for extra in sweep.extra:
+        own = {a: axes[a] if extra[a] is None else _plain(extra[a]) for a in ENTRY_AXES}
+        _check_axes(own, prefix=f"sweep.extra[{extra.variant}].")
+        for name in _expand([extra.variant], [], where="sweep.extra"):
+            options = {**variant_options(cfg, name), **OmegaConf.to_container(extra.options)}
+            entries.append(Entry(name, options, own))
+    if not entries:
+        raise ConfigError("the sweep has no variants left (sweep.variants minus sweep.exclude)")
+    return entries
+
+
+def _plain(values) -> list:
+    return list(OmegaConf.to_container(values)) if OmegaConf.is_config(values) else list(values)
+
+
+def _check_builds(entry: Entry, sweep) -> None:
+    """Bad option names or values are config errors, found before any cell runs."""
+    try:
+        variants.build(
+            entry.name,
+            **entry.options,
+            seq_len=min(entry.axes["seq_lens"]),
+            num_heads=min(entry.axes["num_heads"]),
+            head_dim=min(sweep.head_dims),
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"variant {entry.name} with options {entry.options}: {e}") from None
+
+
+# --- resume and tasks -------------------------------------------------------------------------
+def _check_resume(cfg) -> None:
+    run_dir = Path(cfg.results_dir) / str(cfg.resume)
+    if not (run_dir / "meta.json").exists():
+        raise ConfigError(
+            f"resume={cfg.resume}: no run there ({run_dir}/meta.json is missing); give the "
+            f"run_id of a folder under {cfg.results_dir}/"
+        )
+
+
+def _check_task(task: str) -> None:
+    if importlib.util.find_spec("harness.tasks") is None:
+        raise ConfigError(f"task={task}: the accuracy tasks (harness/tasks) are not installed")
+    tasks = importlib.import_module("harness.tasks")
+    if not hasattr(tasks, "run_task"):
+        raise ConfigError(f"task={task}: harness.tasks has no run_task yet")
+    known = getattr(tasks, "TASKS", None)
+    if known is not None and task not in known:
+        raise ConfigError(f"unknown task {task!r}; available: {', '.join(sorted(known))}")
