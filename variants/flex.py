@@ -15,8 +15,10 @@ import time
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from . import registry
+from . import full, local, registry, relative, sparse  # noqa: F401  (twins register first)
+from .common import itemsize
 from .registry import Attention, Common, register
+from .relative import t5_bucket
 
 
 @functools.cache
@@ -93,10 +95,83 @@ class FlexTwin(Attention):
     def flops(self, **shape):
         return self.inner.flops(**shape)
 
-    def memory_model(self, **shape):
-        return self.inner.memory_model(**shape)
+    def memory_model(self, *, batch, heads, seq_len, head_dim, causal=False, dtype=torch.float32):
+        if not self.cfg.compile:  # eager flex_attention materialises the scores like `full`
+            return registry.build("full").memory_model(
+                batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, dtype=dtype
+            )
+        # The compiled kernel holds scores a tile at a time: the output and its logsumexp.
+        return batch * heads * seq_len * (head_dim * itemsize(dtype) + 4)
 
 
 @register("flex_full", config=twin_config(registry.config_class("full")))
 class FlexFull(FlexTwin):
     twin = "full"
+
+
+class CallAwareTwin(FlexTwin):
+    """A twin whose mask_mod / score_mod capture tensors (a block layout, a bias table) that must
+    live on the call's device, or that depend on causal (T5 buckets the past differently).
+    ``attend`` records the call's device, causal flag, key length and dtype before the base class
+    asks for the mods."""
+
+    def attend(self, q, k, v, causal):
+        self._call = (q.device, causal, k.shape[-2], q.dtype)
+        return super().attend(q, k, v, causal)
+
+
+@register("flex_local", config=twin_config(registry.config_class("local")))
+class FlexLocal(FlexTwin):
+    twin = "local"
+
+    def mask_mod(self, causal, seq_len):
+        window = self.cfg.window
+        if causal:
+            return lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+        return lambda b, h, q_idx, kv_idx: (q_idx - kv_idx).abs() <= window
+
+
+@register("flex_sparse", config=twin_config(registry.config_class("sparse")))
+class FlexSparse(CallAwareTwin):
+    twin = "sparse"
+
+    def mask_mod(self, causal, seq_len):
+        device = self._call[0]
+        layout = self.inner.layout(seq_len, causal).to(device)  # (nb, nb), the twin's own
+        size = self.cfg.block_size
+
+        def visible(b, h, q_idx, kv_idx):
+            seen = layout[q_idx // size, kv_idx // size]
+            return (seen & (q_idx >= kv_idx)) if causal else seen
+
+        return visible
+
+
+@register("flex_relative", config=twin_config(registry.config_class("relative")))
+class FlexRelative(CallAwareTwin):
+    twin = "relative"
+
+    def attend(self, q, k, v, causal):
+        self.inner.check_heads(q)  # the bias has one column per head it was built for
+        return super().attend(q, k, v, causal)
+
+    def score_mod(self, seq_len):
+        """Adds the twin's bias, reading its own parameter (t5) or slopes (alibi)."""
+        device, causal, n_k, dtype = self._call
+        inner, cfg = self.inner, self.cfg
+        if cfg.kind == "t5":
+            rel = torch.arange(-(seq_len - 1), n_k, device=device)  # every j - i
+            buckets = t5_bucket(rel, not causal, cfg.num_buckets, cfg.max_distance)
+            weight, offset = inner.t5_bias, seq_len - 1  # (num_buckets, heads)
+
+            def add_bias(score, b, h, q_idx, kv_idx):
+                return score + weight[buckets[kv_idx - q_idx + offset], h].to(score.dtype)
+
+            return add_bias
+        slopes = inner.slopes.to(dtype)  # float64 as stored; the kernel computes in dtype
+
+        def add_penalty(score, b, h, q_idx, kv_idx):
+            dist = kv_idx - q_idx if causal else -(kv_idx - q_idx).abs()
+            return score + slopes[h] * dist
+
+        return add_penalty
