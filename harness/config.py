@@ -22,7 +22,7 @@ import variants
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PASSES = ("fwd", "fwd_bwd")
-ENTRY_AXES = ("seq_lens", "num_heads", "causal")  # grid axes an extra entry may narrow
+ENTRY_AXES = ("seq_lens", "num_heads", "causal", "passes")  # grid axes an extra entry may narrow
 GRID_OPTIONS = ("seq_len", "num_heads", "head_dim")  # set per cell by the grid, not by variant.*
 
 
@@ -37,6 +37,7 @@ class ExtraCell:
     seq_lens: list[int] | None = None  # None: the sweep's list (likewise below)
     num_heads: list[int] | None = None
     causal: list[bool] | None = None
+    passes: list[str] | None = None
 
 
 @dataclass
@@ -87,10 +88,16 @@ def defaults_list() -> list[Any]:
 
 
 def hydra_settings() -> dict:
-    """Hydra's own output (config, overrides, log) goes inside the run's results folder."""
+    """Hydra's own output (config, overrides, log) goes inside the run's results folder. A
+    multirun (``-m``) gets one folder, ``<results_dir>/multirun-<id>/``, that every job's run
+    folder goes into (harness.__main__ points the jobs' results_dir there), so that
+    ``python -m harness.report`` on it merges the jobs."""
     return {
         "run": {"dir": "${results_dir}/${run_id}/.hydra"},
-        "sweep": {"dir": "${results_dir}", "subdir": "${run_id}/.hydra"},
+        "sweep": {
+            "dir": "${results_dir}/multirun-${harness_run_id:}",  # the id: cached, one per multirun
+            "subdir": "${run_id}/.hydra",
+        },
         "output_subdir": ".",  # relative to the dirs above: no .hydra/.hydra nesting
         "job": {"chdir": False},
         "help": {"app_name": "python -m harness", "header": HELP_HEADER, "footer": HELP_FOOTER},
@@ -106,12 +113,13 @@ HELP_FOOTER = """Examples:
   python -m harness sweep=ci
   python -m harness sweep.variants=[full,local] sweep.seq_lens=[1024,2048] variant.local.window=64
   python -m harness resume=<run_id>          (measure only the cells still missing)
-  python -m harness task=mqar preset=cpu     (accuracy rows, harness/tasks)"""
+  python -m harness task=mqar preset=cpu     (accuracy rows, harness/tasks)
+  python -m harness -m sweep.variants=[full],[local] hydra/launcher=slurm   (docs/cluster.md)"""
 
 
-def new_run_id(resume: str | None) -> str:
+def new_run_id(resume: str | None = None) -> str:
     """A resumed run keeps its id; a new one is its start time plus a short random tag (two
-    runs started in the same second must not share a folder)."""
+    runs started in the same second must not share a folder). Also a multirun's id."""
     if resume:
         return str(resume)
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)

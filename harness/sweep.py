@@ -39,7 +39,7 @@ def grid(plan: Plan, sweep) -> list[dict]:
             sweep.head_dims,
             entry.axes["causal"],
             entry.axes["seq_lens"],
-            sweep.passes,
+            entry.axes["passes"],
         )
         for dtype, batch, heads, head_dim, causal, seq_len, pass_ in itertools.product(*axes):
             cell = {

@@ -70,12 +70,8 @@ def check(cfg) -> Plan:
 # --- the grid ---------------------------------------------------------------------------------
 def _check_grid(sweep) -> None:
     _check_axes({k: list(sweep[k]) for k in (*ENTRY_AXES, "batch_sizes", "head_dims")}, "sweep.")
-    for key in ("dtypes", "passes"):
-        if not list(sweep[key]):
-            raise ConfigError(f"sweep.{key} is empty")
-    unknown = [p for p in sweep.passes if p not in PASSES]
-    if unknown:
-        raise ConfigError(f"unknown pass {unknown[0]!r} in sweep.passes; use {', '.join(PASSES)}")
+    if not list(sweep.dtypes):
+        raise ConfigError("sweep.dtypes is empty")
     if sweep.min_run_time <= 0 or sweep.timeout_s <= 0 or sweep.min_blocks < 1:
         raise ConfigError("sweep.min_run_time and sweep.timeout_s must be > 0, min_blocks >= 1")
     if sweep.memory_budget_mb is not None and sweep.memory_budget_mb <= 0:
@@ -86,6 +82,13 @@ def _check_axes(axes: dict, prefix: str) -> None:
     for key, values in axes.items():
         if not values:
             raise ConfigError(f"{prefix}{key} is empty; give at least one value")
+        if key == "passes":
+            unknown = [p for p in values if p not in PASSES]
+            if unknown:
+                raise ConfigError(
+                    f"unknown pass {unknown[0]!r} in {prefix}{key}; use {', '.join(PASSES)}"
+                )
+            continue
         if key == "causal":
             continue
         bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 1]
