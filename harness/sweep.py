@@ -22,7 +22,7 @@ from . import results as res
 from .cell import failure, one_line
 from .measure import DTYPES, gflops_per_s
 from .validate import ConfigError, Plan, check
-from .worker import CPU_MALLOC_ENV, Worker
+from .worker import Worker
 
 __all__ = ["ConfigError", "run", "grid"]
 
@@ -252,7 +252,6 @@ def start_meta(cfg, plan: Plan, run_dir: Path, prov: dict) -> dict:
         "device": plan.device,
         "cuda": torch.version.cuda,
         "memory_budget_mb": plan.budget_bytes and plan.budget_bytes / 2**20,
-        "worker_env": CPU_MALLOC_ENV if plan.device == "cpu" else {},
         "variants": [{"name": e.name, "options": e.options} for e in plan.entries],
         "config": saved_config(cfg),
     }

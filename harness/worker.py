@@ -100,14 +100,6 @@ def _empty_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
-# glibc serves each allocation over 32 MB with a fresh mmap and page-faults it in on every call
-# (about 0.4 ms per MB here), which bends CPU scaling curves at whatever n one (B, H, n, d) tensor
-# crosses that line. The CPU worker keeps big blocks in its heap instead, as a tuned allocator
-# (jemalloc, tcmalloc) would; the setting is recorded in meta.json. Memory is still measured:
-# the worker trims its heap and resets the high-water mark before each cell.
-CPU_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
-
-
 # --- the parent's handle ----------------------------------------------------------------------
 class Worker:
     """Runs jobs in a spawned process; starts it lazily and replaces it after a kill or crash."""
@@ -123,17 +115,7 @@ class Worker:
     def _start(self) -> None:
         parent, child = self.ctx.Pipe()
         self.proc = self.ctx.Process(target=worker_main, args=(child, self.threads), daemon=False)
-        env = CPU_MALLOC_ENV if self.device == "cpu" else {}
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)  # a spawned child reads the environment as it starts
-        try:
-            self.proc.start()
-        finally:
-            for k, v in saved.items():  # the parent's own allocator is left as it was
-                if v is None:
-                    os.environ.pop(k)
-                else:
-                    os.environ[k] = v
+        self.proc.start()
         child.close()
         self.conn = parent
         if not wait([parent, self.proc.sentinel], START_TIMEOUT_S) or not parent.poll():

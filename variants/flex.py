@@ -23,6 +23,10 @@ from .relative import t5_bucket
 
 @functools.cache
 def compiled_flex():
+    # One compiled function serves every twin and shape; past dynamo's recompile limit (8 by
+    # default) it would silently fall back to eager flex_attention, which materialises the n x n
+    # scores: a sweep would then time the wrong thing.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     return torch.compile(flex_attention, dynamic=False)
 
 
