@@ -1,0 +1,342 @@
+"""The accuracy side (harness/tasks): generator invariants checked by independent code, the
+encoder's use of the registry, the trainer, approximation error, and run_task's rows."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import deque
+
+import pytest
+import torch
+
+import variants
+from harness.schema import ACCURACY, APPROX
+from harness.tasks import (
+    PRESETS,
+    TASKS,
+    approx,
+    chance_level,
+    listops,
+    majority_baseline,
+    mqar,
+    pathfinder,
+    presets,
+    row_key,
+    run_task,
+)
+from harness.tasks.common import IGNORE
+from harness.tasks.model import Encoder, ModelConfig
+from harness.tasks.run import task_shape
+from harness.tasks.train import TrainConfig, lr_factor, train
+
+# --- ListOps -------------------------------------------------------------------------------
+LISTOPS = {"min_len": 20, "max_len": 80, "max_depth": 4, "max_args": 5}
+
+
+def evaluate(text: str) -> tuple[int, int, int]:
+    """A separate evaluator: the value, the deepest nesting and the most arguments of one
+    bracketed expression, by a stack over its words (the generator builds trees recursively)."""
+    ops = {
+        "[MIN": min,
+        "[MAX": max,
+        "[MED": lambda a: int(statistics.median(a)),
+        "[SM": lambda a: sum(a) % 10,
+    }
+    stack, value, depth, most = [], None, 0, 0
+    for word in text.split():
+        if word in ops:
+            stack.append((ops[word], []))
+            depth = max(depth, len(stack))
+        elif word == "]":
+            fn, args = stack.pop()
+            most = max(most, len(args))
+            value = fn(args)
+            if stack:
+                stack[-1][1].append(value)
+        else:
+            stack[-1][1].append(int(word))
+    assert not stack, "unbalanced brackets"
+    return value, depth, most
+
+
+def test_listops_labels_match_a_separate_evaluator():
+    tokens, labels = listops.generate("train", 300, seed=1, **LISTOPS)
+    assert tokens.shape == (300, LISTOPS["max_len"]) and labels.shape == (300,)
+    for row, label in zip(tokens, labels, strict=True):
+        value, depth, most = evaluate(listops.decode(row))
+        assert value == label
+        assert 1 <= depth <= LISTOPS["max_depth"]
+        assert 2 <= most <= LISTOPS["max_args"]
+
+
+def test_listops_lengths_in_range_and_padded_at_the_end():
+    tokens, _ = listops.generate("val", 300, seed=2, **LISTOPS)
+    lengths = (tokens != listops.PAD).sum(1)
+    assert lengths.min() >= LISTOPS["min_len"] and lengths.max() <= LISTOPS["max_len"]
+    for row, n in zip(tokens, lengths, strict=True):
+        assert (row[n:] == listops.PAD).all()  # padding only after the expression
+    assert len(set(listops.generate("val", 300, seed=2, **LISTOPS)[1].tolist())) == 10
+
+
+def test_listops_impossible_range_says_why():
+    with pytest.raises(ValueError, match="widen the range"):
+        listops.generate("train", 1, min_len=60, max_len=70, max_depth=1, max_args=3, max_tries=50)
+
+
+# --- MQAR -----------------------------------------------------------------------------------
+MQAR = {"seq_len": 48, "num_kv_pairs": 6, "vocab_size": 40}
+
+
+@pytest.mark.parametrize("extra", [{}, {"min_kv_pairs": 1}, {"num_queries": 3}])
+def test_mqar_every_query_answer_is_in_its_context(extra):
+    cfg = mqar.MQARConfig(**MQAR, **extra)
+    tokens, labels = mqar.generate("train", 200, seed=3, **MQAR, **extra)
+    assert tokens.shape == labels.shape == (200, cfg.seq_len)
+    is_key = lambda t: 1 <= t <= cfg.num_keys
+    for row, lab in zip(tokens.tolist(), labels.tolist(), strict=True):
+        context, i = {}, 0
+        while (
+            i + 1 < len(row)
+            and is_key(row[i])
+            and not is_key(row[i + 1])
+            and row[i + 1] != mqar.FILLER
+        ):
+            assert row[i] not in context, "keys in the context are distinct"
+            context[row[i]] = row[i + 1]  # the leading run of (key, value) pairs
+            i += 2
+        queries = [(j, t) for j, t in enumerate(row) if j >= i and t != mqar.FILLER]
+        assert context and 1 <= len(queries) <= len(context)
+        for j, t in queries:  # a query's target is the value right after its key
+            assert t in context and lab[j] == context[t]
+        labelled = [j for j, y in enumerate(lab) if y != IGNORE]
+        assert labelled == [j for j, _ in queries]  # IGNORE everywhere else
+
+
+def test_mqar_mixture_spans_the_pair_counts():
+    tokens, _ = mqar.generate("train", 120, seed=0, **MQAR, min_kv_pairs=2)
+    counts = {int((row[0 : 2 * 6 : 2] != mqar.FILLER).sum()) for row in tokens}
+    assert counts == {2, 3, 4, 5, 6}
+
+
+# --- Pathfinder -----------------------------------------------------------------------------
+PATHFINDER = {"size": 20, "contour_length": 5, "num_distractors": 3, "levels": 16}
+
+
+def dots(image: torch.Tensor, top: int) -> list[set]:
+    """The marker blobs: 8-connected groups of full-intensity pixels."""
+    left = {(y, x) for y, x in (image == top).nonzero().tolist()}
+    groups = []
+    while left:
+        todo, group = [left.pop()], set()
+        while todo:
+            y, x = todo.pop()
+            group.add((y, x))
+            for p in [(y + dy, x + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]:
+                if p in left:
+                    left.remove(p)
+                    todo.append(p)
+        groups.append(group)
+    return groups
+
+
+def connected(image: torch.Tensor, a: set, b: set, reach: int) -> bool:
+    """Breadth-first search over non-zero pixels, stepping at most ``reach`` pixels (Chebyshev),
+    so a dashed curve's gaps are crossed but background wider than a gap is not."""
+    on = {(y, x) for y, x in (image != 0).nonzero().tolist()}
+    seen, todo = set(a), deque(a)
+    while todo:
+        y, x = todo.popleft()
+        if (y, x) in b:
+            return True
+        for dy in range(-reach, reach + 1):
+            for dx in range(-reach, reach + 1):
+                p = (y + dy, x + dx)
+                if p in on and p not in seen:
+                    seen.add(p)
+                    todo.append(p)
+    return False
+
+
+@pytest.mark.parametrize("gap", [1, 0])
+def test_pathfinder_dots_joined_exactly_in_positives(gap):
+    cfg = pathfinder.PathfinderConfig(**PATHFINDER, gap=gap)
+    tokens, labels = pathfinder.generate("test", 120, seed=4, **PATHFINDER, gap=gap)
+    assert tokens.shape == (120, cfg.size**2)
+    assert int(labels.sum()) == 60  # balanced
+    for row, label in zip(tokens, labels, strict=True):
+        image = row.view(cfg.size, cfg.size).long()
+        blobs = dots(image, cfg.levels - 1)
+        assert len(blobs) == 2 and all(len(g) == 9 for g in blobs)
+        assert connected(image, blobs[0], blobs[1], reach=gap + 1) == bool(label)
+
+
+def test_pathfinder_lra_default_fits_and_crowding_says_why():
+    tokens, labels = pathfinder.generate("train", 8, seed=0)  # 32x32, contour length 14
+    assert tokens.shape == (8, 1024) and int(labels.sum()) == 4
+    with pytest.raises(ValueError, match="do not fit"):
+        pathfinder.generate("train", 2, size=8, contour_length=8, max_tries=3)
+
+
+# --- every generator ------------------------------------------------------------------------
+GENERATORS = [(listops.generate, LISTOPS), (mqar.generate, MQAR), (pathfinder.generate, PATHFINDER)]
+
+
+@pytest.mark.parametrize("gen, cfg", GENERATORS)
+def test_generators_are_deterministic_per_seed_and_split(gen, cfg):
+    a, b = gen("train", 16, 7, **cfg), gen("train", 16, 7, **cfg)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a[0], gen("val", 16, 7, **cfg)[0])
+    assert not torch.equal(a[0], gen("train", 16, 8, **cfg)[0])
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("task", TASKS)
+def test_every_preset_generates_and_builds(task, preset):
+    spec = presets.get(task, preset)
+    tokens, labels = GENERATORS[TASKS.index(task)][0]("val", 2, 0, **spec.data)
+    shape = task_shape(task, spec.data)
+    assert tokens.shape == (2, shape["seq_len"]) and int(tokens.max()) < shape["vocab_size"]
+    assert int(labels.max()) < shape["num_classes"]
+    ModelConfig(**shape, **spec.model)  # the sizes are a valid model
+
+
+# --- model and training ---------------------------------------------------------------------
+def tiny_config(**kw):
+    base = dict(vocab_size=12, seq_len=32, num_classes=5, d_model=16, num_layers=2, num_heads=2)
+    return ModelConfig(**(base | kw))
+
+
+@pytest.mark.parametrize("name, options", [("full", {}), ("local", {"window": 4})])
+def test_model_attention_is_the_registered_variant(name, options, monkeypatch):
+    if name not in variants.available():
+        pytest.skip(f"{name} is not registered yet")
+    calls = []
+    real = variants.build
+    monkeypatch.setattr(variants, "build", lambda n, **o: calls.append((n, o)) or real(n, **o))
+    model = Encoder(tiny_config(), name, options)
+    assert [n for n, _ in calls] == [name, name]
+    assert calls[0][1] == dict(seq_len=32, num_heads=2, head_dim=8, **options)
+    assert all(isinstance(a, variants.Attention) and a.name == name for a in model.attentions)
+    tokens = torch.randint(12, (3, 32))
+    assert model(tokens).shape == (3, 5)
+    per_token = Encoder(tiny_config(per_token=True), name, options)
+    assert per_token(tokens).shape == (3, 32, 5)
+
+
+def test_lr_warms_up_then_decays():
+    cfg = TrainConfig(warmup_steps=10, max_steps=100, min_lr_ratio=0.1)
+    f = [lr_factor(s, cfg) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[9:], f[10:], strict=False))  # never rises after warm-up
+    assert f[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_train_learns_keeps_the_best_and_writes_a_checkpoint(tmp_path):
+    torch.manual_seed(0)  # a learnable toy: the class is the first token
+    x = torch.randint(1, 5, (400, 8))
+    y = x[:, 0] - 1
+    data = {
+        "train": (x[:200], y[:200]),
+        "val": (x[200:300], y[200:300]),
+        "test": (x[300:], y[300:]),
+    }
+    model = Encoder(tiny_config(seq_len=8, num_classes=4, dropout=0.0, pad_id=None), "full")
+    cfg = TrainConfig(
+        batch_size=20,
+        accum_steps=2,
+        lr=1e-2,
+        warmup_steps=5,
+        max_steps=60,
+        eval_every=10,
+        patience=3,
+        target_accuracy=0.95,
+    )
+    out = train(model, data, cfg, ckpt_dir=tmp_path)
+    assert out["accuracy"] >= 0.9 and out["val_accuracy"] >= 0.95 and out["stopped"] == "target"
+    assert out["steps"] == out["best_step"] <= 60 and out["params"] > 0
+    saved = torch.load(tmp_path / "best.pt")
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+# --- approximation error --------------------------------------------------------------------
+def test_approx_error_of_exact_variants_is_rounding():
+    q, k, v = approx.random_qkv(96, heads=2, head_dim=8)
+    assert approx.approx_error("full", {"chunk_size": 16}, q, k, v) < 1e-5
+    assert approx.approx_error("sdpa", {}, q, k, v) < 1e-5
+    with pytest.raises(variants.Unsupported):
+        approx.approx_error("xformers", {}, q, k, v)  # no CPU kernels
+
+
+def test_capture_qkv_reads_the_first_layer():
+    model = Encoder(tiny_config(), "full")
+    q, k, v = approx.capture_qkv(model, torch.randint(12, (3, 32)))
+    assert q.shape == k.shape == v.shape == (3, 2, 32, 8)
+    assert approx.approx_error("full", {"chunk_size": 8}, q, k, v) < 1e-5
+
+
+# --- run_task ---------------------------------------------------------------------------------
+@pytest.fixture
+def test_variants():
+    """Two test-only variants: one that declares it cannot run, one that breaks when called."""
+    from variants import registry
+
+    class Never(variants.Attention):
+        def unsupported(self, **case):
+            return ["test-only variant that runs nothing"]
+
+    class Broken(variants.Attention):
+        def attend(self, q, k, v, causal):
+            raise RuntimeError("deliberately broken")
+
+    variants.register("_test_never")(Never)
+    variants.register("_test_broken")(Broken)
+    yield ["_test_never", "_test_broken"]
+    for name in ("_test_never", "_test_broken"):
+        registry._REGISTRY.pop(name, None)
+
+
+def test_run_task_ci_rows(test_variants):
+    names = ["full", "xformers", *test_variants]
+    rows = list(run_task("mqar", "ci", names, {"full": {}}, device="cpu"))
+    acc = [r for r in rows if r["kind"] == "accuracy"]
+    assert [r["variant"] for r in acc] == names
+    for r in acc:
+        assert set(ACCURACY) <= set(r)
+        json.loads(r["options"])
+    full, xf, never, broken = acc
+    assert full["status"] == "ok" and 0 <= full["accuracy"] <= 1 and full["steps"] > 0
+    assert full["params"] > 0 and full["train_s"] > 0 and full["seq_len"] == 64
+    assert xf["status"] == "unsupported" and "CUDA" in xf["reason"]
+    assert never["status"] == "unsupported" and "test-only" in never["reason"]
+    assert broken["status"] == "error" and "deliberately broken" in broken["reason"]
+
+    appr = [r for r in rows if r["kind"] == "approx"]
+    assert {r["variant"] for r in appr} == set(names) - {"full"}
+    assert {r["input"] for r in appr} == {"random", "trained"}
+    for r in appr:
+        assert set(APPROX) <= set(r)
+    assert {r["status"] for r in appr if r["variant"] == "xformers"} == {"unsupported"}
+    assert {r["status"] for r in appr if r["variant"] == "_test_broken"} == {"error"}
+
+    # a resumed run skips what is done, and approx rows still come when full was not rerun
+    done = {row_key(r) for r in rows if r["variant"] != "xformers"}
+    again = list(run_task("mqar", "ci", names, {}, device="cpu", done=done))
+    assert [(r["kind"], r["variant"]) for r in again] == [("accuracy", "xformers")] + [
+        ("approx", "xformers")
+    ] * 2
+
+
+def test_run_task_approx_rows_finite_for_a_twin():
+    rows = list(run_task("listops", "ci", ["sdpa"], {}, device="cpu"))
+    assert rows[0]["kind"] == "accuracy" and rows[0]["status"] == "ok"
+    appr = [r for r in rows if r["kind"] == "approx"]
+    assert len(appr) == 2 and all(math.isfinite(r["approx_error"]) for r in appr)
+    assert all(r["approx_error"] < 1e-5 for r in appr)  # sdpa is exact attention
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_baselines(task):
+    m, c = majority_baseline(task, "ci"), chance_level(task, "ci")
+    assert 0 < c <= m <= 1
