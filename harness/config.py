@@ -67,6 +67,7 @@ class DeviceConfig:
     name: str = "cpu"  # "cpu", "cuda" or "cuda:<index>"
     threads: int | None = None  # torch CPU threads in the worker; None: torch's default
     matmul_size: int | None = None  # n of the n x n matmul peak; None: 2048 (CPU), 8192 (CUDA)
+    allocator: str = "system"  # the CPU worker's malloc: system, jemalloc or a library's path
 
 
 def variants_config() -> type:

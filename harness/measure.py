@@ -6,7 +6,6 @@ the CPU high-water mark belongs to one cell and a crash takes only the worker do
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import resource
 import statistics
@@ -16,6 +15,8 @@ from pathlib import Path
 import torch
 from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
+
+from . import allocator
 
 NOISY = 0.10  # IQR / median above this flags a cell `noisy`
 DTYPES = {
@@ -99,15 +100,6 @@ def _reset_hwm() -> bool:
         return False
 
 
-def _malloc_trim() -> None:
-    """Give freed heap pages back to the OS, so that memory freed by the warm-up must be
-    faulted in again (and so counted) when the measured call needs it."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-
-
 class CpuPeak:
     """The process high-water mark above a baseline, in bytes.
 
@@ -127,13 +119,15 @@ class CpuPeak:
 
     def start(self) -> None:
         gc.collect()
-        _malloc_trim()
+        allocator.exact_peak_start()
         if self.resettable:
             _reset_hwm()
         self.base_kb = self._read_kb()
 
     def stop(self) -> int:
-        return max(0, self._read_kb() - self.base_kb) * 1024
+        peak = max(0, self._read_kb() - self.base_kb) * 1024
+        allocator.exact_peak_stop()
+        return peak
 
 
 class CudaPeak:

@@ -163,7 +163,7 @@ def run(cfg) -> Path:
     prov = res.provenance(run_id, plan.device, plan.threads)
     meta = start_meta(cfg, plan, run_dir, prov)
     started = time.perf_counter()
-    worker = Worker(plan.threads, plan.device)
+    worker = Worker(plan.threads, plan.device, plan.allocator)
     counts: Counter = Counter()
     try:
         if cfg.task:
@@ -276,6 +276,7 @@ def measure_peak(meta: dict, plan: Plan, worker: Worker, run_dir: Path) -> None:
     answer = worker.run(job, timeout_s=600)
     meta["matmul_peak_gflops"] = answer.get("gflops") or {"error": answer.get("reason")}
     meta["cpu_peak_memory"] = "VmHWM (reset per cell)" if worker.resettable else "ru_maxrss"
+    meta["allocator"] = worker.allocator
     res.write_meta(run_dir, meta)
 
 

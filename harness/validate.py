@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 import variants
 
+from . import allocator
 from .config import ENTRY_AXES, GRID_OPTIONS, PASSES
 from .measure import DTYPES
 
@@ -46,6 +47,7 @@ class Plan:
     budget_bytes: int | None
     dtypes: list[str] = field(default_factory=list)
     matmul_size: int | None = None
+    allocator: str | None = None  # the malloc library the CPU worker preloads (None: system)
 
 
 def check(cfg) -> Plan:
@@ -55,6 +57,7 @@ def check(cfg) -> Plan:
     for name in sweep.dtypes:
         _check_dtype(name, device)
     threads = _check_threads(cfg.device.threads)
+    malloc = _check_allocator(cfg.device.get("allocator", "system"), device)
     entries = _entries(cfg)
     for entry in entries:
         _check_builds(entry, sweep)
@@ -64,7 +67,7 @@ def check(cfg) -> Plan:
         _check_task(cfg.task)
     budget = _budget(sweep.memory_budget_mb, device)
     dtypes = [str(d) for d in sweep.dtypes]
-    return Plan(entries, device, threads, budget, dtypes, cfg.device.get("matmul_size"))
+    return Plan(entries, device, threads, budget, dtypes, cfg.device.get("matmul_size"), malloc)
 
 
 # --- the grid ---------------------------------------------------------------------------------
@@ -126,6 +129,15 @@ def _check_dtype(name: str, device: str) -> None:
         (a @ a).sum().item()
     except RuntimeError as e:
         raise ConfigError(f"device {device} cannot compute in {name}: {e}") from None
+
+
+def _check_allocator(name: str, device: str) -> str | None:
+    if name in ("system", None) or torch.device(device).type != "cpu":  # CUDA: its own cache
+        return None
+    try:
+        return allocator.library(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_threads(threads) -> int:

@@ -8,12 +8,15 @@ replaced by a fresh one on the next cell.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import multiprocessing as mp
 import os
 import signal
 from multiprocessing.connection import wait
+
+from . import allocator
 
 START_TIMEOUT_S = 300  # importing torch and the variants on a busy 2-core machine
 
@@ -45,7 +48,8 @@ def worker_main(conn, threads: int) -> None:
     # FlopCounterMode's first use loads ~70 MB of lazy imports: not a cell's peak memory.
     count_flops(lambda: torch.ones(4, 4) @ torch.ones(4, 4))
     gc.freeze()  # the imports' objects never die: keep them out of each cell's gc.collect()
-    conn.send({"ready": True, "resettable": CpuPeak().resettable})
+    hello = {"ready": True, "resettable": CpuPeak().resettable, "allocator": allocator.in_use()}
+    conn.send(hello)
     while True:
         try:
             job = conn.recv()
@@ -100,13 +104,30 @@ def _empty_cuda_cache() -> None:
         torch.cuda.empty_cache()
 
 
+@contextlib.contextmanager
+def _environment(env: dict):
+    """``os.environ`` updated with ``env`` inside the block, restored after it."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 # --- the parent's handle ----------------------------------------------------------------------
 class Worker:
     """Runs jobs in a spawned process; starts it lazily and replaces it after a kill or crash."""
 
-    def __init__(self, threads: int, device: str = "cpu"):
+    def __init__(self, threads: int, device: str = "cpu", malloc: str | None = None):
         self.threads = threads
         self.device = device
+        self.env = allocator.worker_env(malloc)
+        self.allocator = "system"  # what the started worker reports it runs on
         self.ctx = mp.get_context("spawn")  # CUDA cannot be forked; spawn is the same everywhere
         self.proc = None
         self.conn = None
@@ -115,14 +136,16 @@ class Worker:
     def _start(self) -> None:
         parent, child = self.ctx.Pipe()
         self.proc = self.ctx.Process(target=worker_main, args=(child, self.threads), daemon=False)
-        self.proc.start()
+        with _environment(self.env):  # a spawned child starts with the parent's environment
+            self.proc.start()
         child.close()
         self.conn = parent
         if not wait([parent, self.proc.sentinel], START_TIMEOUT_S) or not parent.poll():
             code = self.proc.exitcode
             self.kill()
             raise WorkerError(f"the measuring worker did not start (exit code {code})")
-        self.resettable = parent.recv()["resettable"]
+        hello = parent.recv()
+        self.resettable, self.allocator = hello["resettable"], hello["allocator"]
 
     def run(self, job: dict, timeout_s: float) -> dict:
         """The worker's answer, or a `timeout` / `error` / `oom` result if it gave none."""
