@@ -3,14 +3,23 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+BASELINE ?= results/ci-baseline
+CHECK_DIR ?= build/regress
 
-.PHONY: bench test lint setup clean-venv
+.PHONY: bench test regress lint setup clean-venv
 
 bench: $(VENV)/.installed
 	$(PY) -m harness $(ARGS)
 
 test: $(VENV)/.installed lint
 	$(PY) -m pytest -q $(ARGS)
+
+# CI's regression check: a `ci` sweep of this checkout against the committed baseline (exit 1 on
+# a regression; see harness/compare.py and README "Regression check").
+regress: $(VENV)/.installed
+	rm -rf $(CHECK_DIR)/ci-check
+	$(PY) -m harness sweep=ci run_id=ci-check results_dir=$(CHECK_DIR) report=false
+	$(PY) -m harness.compare $(BASELINE) $(CHECK_DIR)/ci-check
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

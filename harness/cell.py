@@ -7,6 +7,7 @@ settings. The result holds only what was measured; the parent adds the analytic 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -95,13 +96,30 @@ def measure_cell(spec: dict) -> dict:
     result["counted_flops"] = counted
 
     samples = time_fn(
-        step,
+        slowed(step, spec.get("slowdown", 1.0), device),
         threads=spec["threads"],
         min_run_time=spec["min_run_time"],
         min_blocks=spec["min_blocks"],
     )
     result.update(summarize(samples))
     return result
+
+
+def slowed(step, factor: float, device) -> Callable:
+    """``step`` followed by a busy wait of (factor - 1) times its duration: a known slowdown,
+    injected by ``inject_slowdown`` to show that ``harness.compare`` flags it."""
+    if factor == 1.0:
+        return step
+
+    def run():
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        end = time.perf_counter() + (factor - 1.0) * (time.perf_counter() - start)
+        while time.perf_counter() < end:  # busy: holds the core as slower code would
+            pass
+
+    return run
 
 
 def is_oom(e: BaseException) -> bool:

@@ -143,6 +143,9 @@ def make_config_class() -> type:
             ("report", bool, field(default=True)),  # render harness.report's page at the end
             ("task", str | None, field(default=None)),  # an accuracy task instead of a speed sweep
             ("preset", str, field(default="ci")),  # the accuracy task's preset
+            # variant -> factor: its timed calls made that many times slower by a busy wait, to
+            # show that harness.compare catches a known regression (never in a real run)
+            ("inject_slowdown", dict[str, float], field(default_factory=dict)),
             ("hydra", Any, field(default_factory=hydra_settings)),
         ],
     )

@@ -83,6 +83,7 @@ def measure(cell: dict, plan: Plan, sweep, worker: Worker) -> dict:
         if plan.budget_bytes and planned and planned > plan.budget_bytes:
             return {**row, "status": "oom", "reason": over_budget(planned, plan.budget_bytes)}
         job = {**cell, **timing(sweep, plan), "origin": origin(attn, cell["variant"])}
+        job["slowdown"] = plan.slowdown.get(cell["variant"], 1.0)
     except Exception as e:  # the variant failed to build or to describe itself
         return {**row, **failure(e)}
     result = worker.run(job, sweep.timeout_s)
@@ -156,6 +157,8 @@ def run(cfg) -> Path:
     """Run the configured sweep (or accuracy task); returns the run's results folder."""
     cfg = resumed_config(cfg) if cfg.resume else cfg
     plan = check(cfg)  # raises ConfigError before anything is created
+    if plan.slowdown:
+        print(f"inject_slowdown {plan.slowdown}: these timings are slowed on purpose", flush=True)
     run_id = str(cfg.resume or cfg.run_id)
     run_dir = Path(cfg.results_dir) / run_id
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,7 @@ class Plan:
     dtypes: list[str] = field(default_factory=list)
     matmul_size: int | None = None
     allocator: str | None = None  # the malloc library the CPU worker preloads (None: system)
+    slowdown: dict = field(default_factory=dict)  # variant -> injected factor (inject_slowdown)
 
 
 def check(cfg) -> Plan:
@@ -129,6 +130,20 @@ def _check_dtype(name: str, device: str) -> None:
         (a @ a).sum().item()
     except RuntimeError as e:
         raise ConfigError(f"device {device} cannot compute in {name}: {e}") from None
+
+
+def _check_slowdown(slowdown, entries) -> dict:
+    swept = {e.name for e in entries}
+    out = {}
+    for name, factor in dict(slowdown).items():
+        if name not in swept:
+            raise ConfigError(
+                f"inject_slowdown.{name}: not a variant of this sweep ({', '.join(sorted(swept))})"
+            )
+        if not factor >= 1.0:
+            raise ConfigError(f"inject_slowdown.{name}={factor}: a factor must be >= 1")
+        out[name] = float(factor)
+    return out
 
 
 def _check_allocator(name: str, device: str) -> str | None:

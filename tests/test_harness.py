@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 
 import harness.config as hconfig
 import variants
-from harness import measure, sweep, validate
+from harness import allocator, cell, measure, sweep, validate
 from harness.results import cell_key
 from harness.schema import CELL_KEY, COLUMNS
 from harness.sweep import ConfigError, run
@@ -252,6 +252,48 @@ def test_cpu_peak_memory_of_full_matches_its_model(failures_run):
     assert abs(measured - model) / model < 0.15, (measured, model)
 
 
+JEMALLOC = allocator.LIBRARIES["jemalloc"]
+
+
+@pytest.mark.skipif(
+    not any((Path(d) / f).exists() for d in allocator.LIB_DIRS for f in JEMALLOC),
+    reason="libjemalloc is not installed",
+)
+def test_jemalloc_worker_keeps_peak_memory_honest(tmp_path):
+    """Under jemalloc, which keeps freed pages, the peak is still the call's own memory."""
+    cfg = tiny(
+        tmp_path,
+        "device.allocator=jemalloc",
+        "sweep.variants=[full,linear]",  # linear first: its freed pages must not hide full's
+        "sweep.seq_lens=[2048]",
+        "sweep.num_heads=[4]",
+        "sweep.head_dims=[64]",
+        "sweep.passes=[fwd]",
+    )
+    run_dir = run(cfg)
+    assert json.loads((run_dir / "meta.json").read_text())["allocator"] == "jemalloc"
+    row = {r["variant"]: r for r in read_rows(run_dir)}["full"]
+    measured, model = float(row["peak_mem_mb"]), float(row["model_mem_mb"])
+    assert abs(measured - model) / model < 0.15, (measured, model)
+
+
+def test_injected_slowdown_waits_its_share(monkeypatch):
+    """``inject_slowdown``: a call of 10 clock units is followed by a wait of 5 (factor 1.5)."""
+    clock = {"t": 0.0}
+
+    def tick():
+        clock["t"] += 0.01  # every reading of the fake clock advances it a little
+        return clock["t"]
+
+    def step():
+        clock["t"] += 10.0
+
+    monkeypatch.setattr(cell.time, "perf_counter", tick)
+    assert cell.slowed(step, 1.0, "cpu") is step
+    cell.slowed(step, 1.5, "cpu")()
+    assert 15.0 <= clock["t"] < 15.1
+
+
 @pytest.mark.slow
 def test_kill_halfway_then_resume_gives_every_row_once(tmp_path):
     overrides = [*TINY, "sweep.variants=[full,sdpa_math]", "sweep.seq_lens=[32,64]"]
@@ -306,6 +348,10 @@ BAD = [
     ("sweep.passes=[bwd]", "unknown pass"),
     ("variant.full.chunk_size=0", "chunk_size"),
     ("resume=nothing-here", "no run there"),
+    ("device.allocator=/nope/libmalloc.so", "no such file"),
+    ("device.allocator=tcmalloc2", "unknown; use system, jemalloc"),
+    ("+inject_slowdown.nope=1.5", "not a variant of this sweep"),
+    ("+inject_slowdown.full=0.5", "must be >= 1"),
 ]
 
 

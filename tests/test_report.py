@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from harness import schema
@@ -288,3 +289,22 @@ def test_patterns_match_known_masks():
     if "xformers" in names:  # CUDA-only: not drawn, with the variant's own reason
         assert pats["xformers", False].visible is None
         assert "unsupported on CPU" in pats["xformers", False].note
+
+
+def test_variant_labels_show_only_the_options_that_differ():
+    from harness.report.load import variant_labels
+
+    opts = lambda pattern: json.dumps({"block_size": 64, "pattern": pattern, "seed": 0})
+    rows = pd.DataFrame(
+        {
+            "kind": ["speed"] * 4,
+            "variant": ["sparse", "sparse", "sparse", "local"],
+            "options": [opts("fixed"), opts("bigbird"), opts("fixed"), json.dumps({"window": 8})],
+        }
+    )
+    assert list(variant_labels(rows)) == [
+        "sparse[pattern=fixed]",
+        "sparse[pattern=bigbird]",
+        "sparse[pattern=fixed]",
+        "local",
+    ]

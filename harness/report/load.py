@@ -180,13 +180,30 @@ def source_labels(rows: pd.DataFrame) -> pd.Series:
 
 
 def variant_labels(rows: pd.DataFrame) -> pd.Series:
-    """The variant name, plus its options where one variant was measured with several option
-    sets in rows of the same kind (speed, accuracy)."""
+    """The variant name, plus the options that tell its option sets apart where one variant
+    was measured with several in rows of the same kind: ``sparse[pattern=bigbird]``."""
     if rows.empty:
         return pd.Series([], dtype=str, index=rows.index)
-    opts = rows["options"].map(compact_options)
-    several = rows.assign(o=opts).groupby(["kind", "variant"])["o"].transform("nunique") > 1
-    return rows["variant"].where(~several, rows["variant"] + "[" + opts + "]")
+    labels = rows["variant"].astype(str).copy()
+    for _, group in rows.groupby(["kind", "variant"]):
+        parsed = {text: _as_dict(text) for text in group["options"].astype(str).unique()}
+        if len(parsed) < 2:
+            continue
+        keys = sorted({k for d in parsed.values() for k in d})
+        differ = [k for k in keys if len({json.dumps(d.get(k)) for d in parsed.values()}) > 1]
+        for text, d in parsed.items():
+            shown = ",".join(f"{k}={d.get(k)}" for k in differ) or compact_options(text)
+            at = group.index[group["options"].astype(str) == text]
+            labels.loc[at] = group.loc[at, "variant"] + "[" + shown + "]"
+    return labels
+
+
+def _as_dict(text: str) -> dict:
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return {"options": text}
+    return parsed if isinstance(parsed, dict) else {"options": text}
 
 
 def compact_options(options: str) -> str:
