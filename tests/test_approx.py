@@ -16,6 +16,7 @@ from oracles import causal_mask, qkv, relative_error, softmax_attention
 from torch.utils.flop_counter import FlopCounterMode
 
 import variants
+from variants import linformer
 from variants.linear import orthogonal_features
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)
@@ -32,9 +33,16 @@ def project(P, x):
     return torch.einsum("hkn,bhnd->bhkd", P.expand(x.shape[1], -1, -1), x)
 
 
+@pytest.fixture(params=["one block", "blocks of 7 queries"])
+def score_block(request, monkeypatch):
+    """Linformer's queries in one block, and in blocks of 7 rows (3 heads x 12 keys each)."""
+    if request.param != "one block":
+        monkeypatch.setattr(linformer, "SCORE_BLOCK", 7 * 3 * 12)
+
+
 @pytest.mark.parametrize("share", ["headwise", "kv", "none"])
 @pytest.mark.parametrize("seq_len", [40, 29])  # 29: a shorter call uses the leading columns
-def test_linformer_equals_projected_softmax(share, seq_len):
+def test_linformer_equals_projected_softmax(share, seq_len, score_block):
     attn = double("linformer", seq_len=40, proj_len=12, num_heads=3, share=share)
     E, F_ = attn.projections()
     assert E.shape == F_.shape == (3 if share == "none" else 1, 12, 40)

@@ -40,6 +40,15 @@ def dense_pairs(seq_len: int, causal: bool) -> int:
     return causal_pairs(seq_len) if causal else seq_len * seq_len
 
 
+def dense_flops(*, batch, heads, seq_len, head_dim, causal=False, backward=False) -> int:
+    """FLOPs of softmax attention over every (causally) visible pair: what ``full`` computes,
+    and so the useful work of any exact dense variant."""
+    pairs = dense_pairs(seq_len, causal)
+    return softmax_flops(
+        batch=batch, heads=heads, pairs=pairs, head_dim=head_dim, backward=backward
+    )
+
+
 def itemsize(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import dense_pairs, itemsize, softmax_flops, softmax_scale
+from .common import dense_flops, itemsize, softmax_scale
 from .registry import Attention, Common, register
 
 
@@ -73,9 +73,13 @@ class Full(Attention):
         return chunked_attention(q, k, v, causal, self.cfg.chunk_size)
 
     def flops(self, *, batch, heads, seq_len, head_dim, causal=False, backward=False):
-        pairs = dense_pairs(seq_len, causal)
-        return softmax_flops(
-            batch=batch, heads=heads, pairs=pairs, head_dim=head_dim, backward=backward
+        return dense_flops(
+            batch=batch,
+            heads=heads,
+            seq_len=seq_len,
+            head_dim=head_dim,
+            causal=causal,
+            backward=backward,
         )
 
     def memory_model(self, *, batch, heads, seq_len, head_dim, causal=False, dtype=torch.float32):

@@ -20,6 +20,7 @@ from .common import itemsize, softmax_flops, softmax_scale
 from .registry import Attention, Common, Unsupported, register
 
 SHARES = ("headwise", "kv", "none")
+SCORE_BLOCK = 2**20  # score elements per block of queries (4 MB in float32: in L2/L3 cache)
 
 
 @dataclass
@@ -50,12 +51,18 @@ def project(P, x):
 
 
 def linformer_attention(q, k, v, E, F):
-    """softmax(q (E k)^T / sqrt(d)) (F v); E, F: (heads or 1, k, n) with n = the call's length."""
-    k_proj = project(E, k)  # (B, H, k, d)
+    """softmax(q (E k)^T / sqrt(d)) (F v); E, F: (heads or 1, k, n) with n = the call's length.
+
+    Queries go in blocks whose (rows x k) scores stay in cache (SCORE_BLOCK elements): the whole
+    (n x k) scores of a long sequence would not, and each pass over them would then run at
+    memory speed, so time would grow faster than n."""
+    k_proj = project(E, k).transpose(-1, -2)  # (B, H, d, k)
     v_proj = project(F, v)  # (B, H, k, dv)
+    B, H, n, d = q.shape
+    rows = max(1, SCORE_BLOCK // (B * H * k_proj.shape[-1]))
     # Scale q (n x d), not the scores (n x k): one pass over the smaller tensor.
-    scores = (q * softmax_scale(q.shape[-1])) @ k_proj.transpose(-1, -2)  # (B, H, n, k)
-    return scores.softmax(-1) @ v_proj  # (B, H, n, dv)
+    q = q * softmax_scale(d)
+    return torch.cat([(qb @ k_proj).softmax(-1) @ v_proj for qb in q.split(rows, dim=-2)], -2)
 
 
 @register("linformer", config=LinformerConfig)
@@ -119,6 +126,7 @@ class Linformer(Attention):
         size = itemsize(dtype)
         kp = self.cfg.proj_len
         projected = 2 * batch * heads * kp * head_dim  # E k and F v
-        scores = 2 * batch * heads * seq_len * kp  # the scores and their softmax
+        rows = min(seq_len, max(1, SCORE_BLOCK // (batch * heads * kp)))
+        scores = 2 * batch * heads * rows * kp  # one block's scores and softmax
         out = batch * heads * seq_len * head_dim
         return (projected + scores + out) * size

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .common import dense_pairs, itemsize, softmax_, softmax_flops, softmax_scale
+from .common import dense_flops, itemsize, softmax_, softmax_scale
 from .registry import Attention, Common, register
 
 KINDS = ("t5", "alibi")
@@ -156,9 +156,13 @@ class Relative(Attention):
 
     # --- cost models ------------------------------------------------------------------------
     def flops(self, *, batch, heads, seq_len, head_dim, causal=False, backward=False):
-        pairs = dense_pairs(seq_len, causal)
-        return softmax_flops(
-            batch=batch, heads=heads, pairs=pairs, head_dim=head_dim, backward=backward
+        return dense_flops(
+            batch=batch,
+            heads=heads,
+            seq_len=seq_len,
+            head_dim=head_dim,
+            causal=causal,
+            backward=backward,
         )
 
     def memory_model(self, *, batch, heads, seq_len, head_dim, causal=False, dtype=torch.float32):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .common import dense_pairs, itemsize, softmax_flops
+from .common import dense_flops, itemsize
 from .registry import Attention, Unsupported, register
 
 HALF = (torch.float16, torch.bfloat16)
@@ -41,9 +41,13 @@ class SDPA(Attention):
             raise
 
     def flops(self, *, batch, heads, seq_len, head_dim, causal=False, backward=False):
-        pairs = dense_pairs(seq_len, causal)
-        return softmax_flops(
-            batch=batch, heads=heads, pairs=pairs, head_dim=head_dim, backward=backward
+        return dense_flops(
+            batch=batch,
+            heads=heads,
+            seq_len=seq_len,
+            head_dim=head_dim,
+            causal=causal,
+            backward=backward,
         )
 
     def memory_model(self, *, batch, heads, seq_len, head_dim, causal=False, dtype=torch.float32):

@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from .common import dense_pairs, itemsize, softmax_flops
+from .common import dense_flops, itemsize
 from .registry import Attention, Unsupported, register
 
 
@@ -59,9 +59,13 @@ class XFormers(Attention):
         return t(xops.memory_efficient_attention(t(q), t(k), t(v), attn_bias=_bias(xops, causal)))
 
     def flops(self, *, batch, heads, seq_len, head_dim, causal=False, backward=False):
-        pairs = dense_pairs(seq_len, causal)
-        return softmax_flops(
-            batch=batch, heads=heads, pairs=pairs, head_dim=head_dim, backward=backward
+        return dense_flops(
+            batch=batch,
+            heads=heads,
+            seq_len=seq_len,
+            head_dim=head_dim,
+            causal=causal,
+            backward=backward,
         )
 
     def memory_model(self, *, batch, heads, seq_len, head_dim, causal=False, dtype=torch.float32):
