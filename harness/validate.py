@@ -64,6 +64,8 @@ def check(cfg) -> Plan:
         _check_builds(entry, sweep)
     if cfg.resume:
         _check_resume(cfg)
+    else:
+        _check_fresh(cfg)
     if cfg.task:
         _check_task(cfg.task)
     budget = _budget(sweep.memory_budget_mb, device)
@@ -240,6 +242,16 @@ def _check_resume(cfg) -> None:
         raise ConfigError(
             f"resume={cfg.resume}: no run there ({run_dir}/meta.json is missing); give the "
             f"run_id of a folder under {cfg.results_dir}/"
+        )
+
+
+def _check_fresh(cfg) -> None:
+    """A new run never writes into a run that holds results: rows would mix two runs."""
+    run_dir = Path(cfg.results_dir) / str(cfg.run_id)
+    if (run_dir / "results.csv").exists() or (run_dir / "meta.json").exists():
+        raise ConfigError(
+            f"run_id={cfg.run_id}: {run_dir} already holds a run; pass resume={cfg.run_id} to "
+            "measure only its missing cells, or choose another run_id"
         )
 
 

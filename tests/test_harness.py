@@ -317,7 +317,7 @@ def test_kill_halfway_then_resume_gives_every_row_once(tmp_path):
     assert 2 <= len(partial) < 8
     run(compose_cfg(*overrides, "resume=k"))
     rows = read_rows(tmp_path / "k")
-    cfg = compose_cfg(*overrides)
+    cfg = compose_cfg(*[o for o in overrides if o != "run_id=k"])  # the plan of a new run
     expected = [cell_key(sweep.cell_row(c)) for c in sweep.grid(validate.check(cfg), cfg.sweep)]
     assert sorted(keys(rows)) == sorted(expected)  # the same rows as an uninterrupted run
     assert {r["status"] for r in rows} == {"ok"}
@@ -361,6 +361,14 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         run(compose_cfg(*TINY, f"results_dir={out}", override))
     assert not out.exists()
+
+
+def test_a_new_run_never_writes_into_an_old_one(tiny_run):
+    before = (tiny_run / "results.csv").read_text()
+    cfg = tiny(tiny_run.parent, "sweep.variants=[full,sdpa_math,xformers]", "run_id=tiny")
+    with pytest.raises(ConfigError, match="already holds a run; pass resume=tiny"):
+        run(cfg)
+    assert (tiny_run / "results.csv").read_text() == before
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -124,6 +124,7 @@ def build_model(task, spec, name, options, device, tcfg: TrainConfig) -> Encoder
     """The encoder around variant ``name``; raises Unsupported, before any data is made, when
     the variant declares it cannot run the task's case."""
     mcfg = _model_config(task, spec)
+    torch.manual_seed(tcfg.seed)  # the same initial weights whatever ran before in the process
     model = Encoder(mcfg, name, options)
     attn = model.attentions[0]
     reasons = attn.unsupported(device=device, dtype=tcfg.dtype, causal=False, seq_len=mcfg.seq_len)
