@@ -4,6 +4,7 @@ finish. ``run(cfg)`` is the whole command; ``python -m harness`` only calls it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import itertools
@@ -284,13 +285,21 @@ def measure_peak(meta: dict, plan: Plan, worker: Worker, run_dir: Path) -> None:
 
 
 # --- hooks for the other products -------------------------------------------------------------
+def set_options(name: str, options: dict) -> dict:
+    """The options a config sets away from the variant's defaults. A task's preset scales the
+    length-tied ones (window, block, projection, bucket) to its sequence; a default from
+    conf/variant must not undo that (window 128 on a 64-token task is full attention)."""
+    defaults = dataclasses.asdict(variants.config_class(name)())
+    return {k: v for k, v in options.items() if k not in defaults or defaults[k] != v}
+
+
 def run_task(cfg, plan: Plan, table, prov) -> Counter:
     """Accuracy rows from harness.tasks (issue 5), into the same results table."""
     tasks = importlib.import_module("harness.tasks")
     names = list(dict.fromkeys(e.name for e in plan.entries))
     options = {}
     for entry in plan.entries:
-        options.setdefault(entry.name, entry.options)
+        options.setdefault(entry.name, set_options(entry.name, entry.options))
     rows = tasks.run_task(
         task=cfg.task,
         preset=cfg.preset,

@@ -427,3 +427,12 @@ def test_task_rows_land_in_the_same_results(tmp_path, monkeypatch):
     assert len(read_rows(tmp_path / "t")) == 2
     with pytest.raises(ConfigError, match="unknown task"):
         run(tiny(tmp_path, "task=nope"))
+
+
+def test_task_runs_keep_the_presets_options_unless_a_config_sets_one():
+    """conf/variant's defaults must not undo a task preset's length-scaled options."""
+    assert sweep.set_options("local", {"seed": 0, "window": 128}) == {}
+    assert sweep.set_options("local", {"seed": 0, "window": 8}) == {"window": 8}
+    assert sweep.set_options("sparse", {"pattern": "bigbird", "block_size": 64}) == {
+        "pattern": "bigbird"
+    }
