@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
-BASELINE ?= results/ci-baseline
+BASELINE ?= results/regress-baseline
 CHECK_DIR ?= build/regress
 
 .PHONY: bench test regress lint setup clean-venv
@@ -17,9 +17,9 @@ test: $(VENV)/.installed lint
 # CI's regression check: a `ci` sweep of this checkout against the committed baseline (exit 1 on
 # a regression; see harness/compare.py and README "Regression check").
 regress: $(VENV)/.installed
-	rm -rf $(CHECK_DIR)/ci-check
-	$(PY) -m harness sweep=ci run_id=ci-check results_dir=$(CHECK_DIR) report=false
-	$(PY) -m harness.compare $(BASELINE) $(CHECK_DIR)/ci-check
+	rm -rf $(CHECK_DIR)/regress-check
+	$(PY) -m harness sweep=regress run_id=regress-check results_dir=$(CHECK_DIR) report=false
+	$(PY) -m harness.compare $(BASELINE) $(CHECK_DIR)/regress-check
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -22,13 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import mannwhitneyu
+from scipy.stats import mannwhitneyu, wilcoxon
 
 from harness import schema
 from harness.report.load import compact_options, find_run_dirs, read_run, samples
 
 SHAPE = [c for c in schema.CELL_KEY if c not in ("variant", "options")]
 EXACT = ("flops", "counted_flops", "peak_mem_mb")  # peak_mem_mb: exact on CUDA only
+SHAPE_MEDIAN = "median"  # --reference median: the median time of every variant on the shape
+COLUMNS = ["base ratio", "new ratio", "change", "p-value", "verdict"]
+MIN_CELLS = 3  # a variant measured on fewer shapes is judged cell by cell
 
 
 class Uncomparable(Exception):
@@ -58,6 +61,12 @@ def _from_results(path: Path, reference: str) -> pd.DataFrame:
     rows = rows[rows["kind"] == "speed"].drop_duplicates(schema.CELL_KEY, keep="last")
     if rows.empty:
         raise Uncomparable(f"{path}: no speed rows")
+    if reference == SHAPE_MEDIAN:
+        ok = rows[rows["status"] == "ok"]
+        medians = pd.Series([_median(r) for _, r in ok.iterrows()], index=ok.index, dtype=float)
+        shape = ok.apply(_shape_key, axis=1)
+        ref_median = medians.groupby(shape).median().to_dict()
+        return _cells(rows, reference, ref_median)
     refs = rows[(rows["variant"] == reference) & (rows["status"] == "ok")]
     if refs.empty:
         raise Uncomparable(
@@ -68,6 +77,10 @@ def _from_results(path: Path, reference: str) -> pd.DataFrame:
     # wins (the last written below), so both runs pick the same.
     by_options = refs.sort_values("options", ascending=False)
     ref_median = {_shape_key(r): _median(r) for _, r in by_options.iterrows()}
+    return _cells(rows, reference, ref_median)
+
+
+def _cells(rows: pd.DataFrame, reference: str, ref_median: dict) -> pd.DataFrame:
     several = rows.groupby("variant")["options"].nunique()  # options shown only where needed
     out = [
         _results_cell(r, reference, ref_median, several[r["variant"]] > 1)
@@ -199,6 +212,8 @@ class Comparison:
     exact: list[str] = field(default_factory=list)  # exact metrics that changed
     notes: list[str] = field(default_factory=list)
 
+    variants: pd.DataFrame = field(default_factory=pd.DataFrame)  # variant-level verdicts
+
     @property
     def regressions(self) -> list[str]:
         bad = self.table["verdict"].str.startswith(("REGRESSION", "BROKE"))
@@ -209,7 +224,13 @@ class Comparison:
         return bool(self.regressions or self.exact)
 
 
-def compare(base: pd.DataFrame, new: pd.DataFrame, threshold=0.25, alpha=0.01) -> Comparison:
+def compare(
+    base: pd.DataFrame, new: pd.DataFrame, threshold=0.25, alpha=0.01, cell_threshold=1.0
+) -> Comparison:
+    """Per cell, then per variant: a variant measured on MIN_CELLS shapes or more regresses when
+    the median change of its cells passes ``threshold`` and a signed-rank test over its cells
+    agrees (one cell of a shared machine can drift by half for no reason; all of a variant's
+    cells do not); one of its cells alone regresses only past ``cell_threshold``."""
     b, n = base.set_index("key"), new.set_index("key")
     common = [k for k in b.index if k in n.index]
     if not common:
@@ -221,8 +242,10 @@ def compare(base: pd.DataFrame, new: pd.DataFrame, threshold=0.25, alpha=0.01) -
     if not any(x["verdict"] != "no reference on this shape" for x in lines):
         raise Uncomparable("no common cell has the reference measured on its shape in both runs")
     res.table = pd.DataFrame(
-        lines, columns=["cell", "base ratio", "new ratio", "change", "p-value", "verdict"]
+        lines,
+        columns=["cell", "variant", "base ratio", "new ratio", "change", "p-value", "verdict"],
     )
+    res.variants = _judge_variants(res.table, threshold, alpha, cell_threshold)
     res.notes = _only_in(b, n, common)
     if (res.table["verdict"].str.contains("too few samples")).any():
         res.notes.append(
@@ -230,6 +253,39 @@ def compare(base: pd.DataFrame, new: pd.DataFrame, threshold=0.25, alpha=0.01) -
             "timed blocks (pytest-benchmark: --benchmark-save-data keeps them in the JSON)"
         )
     return res
+
+
+def _judge_variants(table: pd.DataFrame, threshold, alpha, cell_threshold) -> pd.DataFrame:
+    """Variant verdicts; rewrites the cell verdicts of variants judged as a whole."""
+    out = []
+    timed = table["change"].notna()
+    for variant, cells in table[timed].groupby("variant", sort=False):
+        if len(cells) < MIN_CELLS:
+            continue  # judged cell by cell at `threshold`, as the cell verdicts stand
+        logs = np.log1p(cells["change"].to_numpy())
+        median = float(np.expm1(np.median(logs)))
+        p = float(wilcoxon(logs, alternative="greater").pvalue) if np.any(logs) else 1.0
+        if 0.5 ** len(logs) < alpha:  # enough cells for the signed-rank test to reach alpha
+            agree = p < alpha
+        else:  # too few: every cell slower, each by its own rank test
+            agree = bool((logs > 0).all() and (cells["p-value"] < alpha).all())
+        slow = median > threshold and agree
+        out.append(
+            {
+                "variant": variant,
+                "cells": len(cells),
+                "median change": median,
+                "p-value": p,
+                "verdict": "REGRESSION" if slow else "ok",
+            }  # fmt: skip
+        )
+        for i in cells.index:
+            verdict = table.at[i, "verdict"]
+            if verdict == "REGRESSION" and not slow and cells.at[i, "change"] <= cell_threshold:
+                table.at[i, "verdict"] = "slower, one cell (variant ok)"
+            elif slow and cells.at[i, "change"] > threshold and verdict != "REGRESSION":
+                table.at[i, "verdict"] = "REGRESSION (variant)"
+    return pd.DataFrame(out, columns=["variant", "cells", "median change", "p-value", "verdict"])
 
 
 def _exact_changes(rb, rn) -> list[str]:
@@ -246,6 +302,7 @@ def _compare_cell(rb, rn, threshold, alpha) -> dict | None:
         return None  # ratio 1 by definition; its exact metrics are still compared
     line = {
         "cell": rb["cell"],
+        "variant": rb["variant"],
         "base ratio": math.nan,
         "new ratio": math.nan,
         "change": math.nan,
@@ -303,13 +360,22 @@ def _only_in(b, n, common) -> list[str]:
 
 
 # --- output -----------------------------------------------------------------------------------
-def format_report(res: Comparison, threshold: float, alpha: float) -> str:
+def format_report(res: Comparison, threshold: float, alpha: float, cell_threshold: float) -> str:
     t = res.table.copy()
     t["base ratio"] = t["base ratio"].map(lambda x: "" if pd.isna(x) else f"{x:.4g}")
     t["new ratio"] = t["new ratio"].map(lambda x: "" if pd.isna(x) else f"{x:.4g}")
     t["change"] = t["change"].map(lambda x: "" if pd.isna(x) else f"{x:+.1%}")
     t["p-value"] = t["p-value"].map(lambda x: "" if pd.isna(x) else f"{x:.2g}")
-    lines = [t.to_string(index=False), ""]
+    lines = [t.drop(columns="variant").to_string(index=False), ""]
+    if not res.variants.empty:
+        v = res.variants.copy()
+        v["median change"] = v["median change"].map(lambda x: f"{x:+.1%}")
+        v["p-value"] = v["p-value"].map(lambda x: f"{x:.2g}")
+        lines += [
+            "Per variant (median over its cells; Wilcoxon signed-rank):",
+            v.to_string(index=False),
+            "",
+        ]
     if res.exact:
         lines += ["Exact metrics that changed (must match exactly):"] + [
             f"  {e}" for e in res.exact
@@ -317,7 +383,8 @@ def format_report(res: Comparison, threshold: float, alpha: float) -> str:
     lines += [f"note: {x}" for x in res.notes]
     lines.append(
         f"{len(t)} cells compared (threshold {threshold:.0%} on the ratio to the reference, "
-        f"Mann-Whitney alpha {alpha}): {len(res.regressions)} regression(s), "
+        f"Mann-Whitney alpha {alpha}; a lone cell of a variant with {MIN_CELLS}+ cells past "
+        f"{cell_threshold:.0%}): {len(res.regressions)} regression(s), "
         f"{len(res.exact)} exact mismatch(es)."
     )
     if res.regressions:
@@ -333,17 +400,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("base", type=Path, help="results folder, results.csv or benchmark JSON")
     parser.add_argument("new", type=Path)
     parser.add_argument("--threshold", type=float, default=0.25, help="ratio change that counts")
-    parser.add_argument("--reference", default="sdpa_math", help="variant every cell is divided by")
+    parser.add_argument(
+        "--cell-threshold", type=float, default=1.0,
+        help="change one cell of a variant measured on 3+ shapes must pass alone",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reference", default=SHAPE_MEDIAN,
+        help="variant every cell is divided by, or 'median' (every variant's median on the shape)",
+    )  # fmt: skip
     parser.add_argument("--alpha", type=float, default=0.01, help="Mann-Whitney significance")
     args = parser.parse_args(argv)
     try:
         base = load_cells(args.base, args.reference)
         new = load_cells(args.new, args.reference)
-        res = compare(base, new, args.threshold, args.alpha)
+        res = compare(base, new, args.threshold, args.alpha, args.cell_threshold)
     except Uncomparable as e:
         print(f"cannot compare: {e}", file=sys.stderr)
         return 2
-    print(format_report(res, args.threshold, args.alpha))
+    print(format_report(res, args.threshold, args.alpha, args.cell_threshold))
     return 1 if res.failed else 0
 
 

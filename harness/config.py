@@ -59,6 +59,11 @@ class SweepConfig:
     min_blocks: int = 5  # at least this many timed blocks, so the IQR means something
     timeout_s: float = 300.0  # per cell, compilation included; over it: a `timeout` row
     memory_budget_mb: float | None = None  # None: 70% of free RAM (CPU), 90% of the GPU's memory
+    # "variant": all cells of a variant in a row; "shape": all variants of one shape in a row,
+    # so that a cell and the reference it is divided by (harness.compare) are measured seconds
+    # apart, not minutes, on a machine whose speed drifts
+    order: str = "variant"
+    rounds: int = 1  # measure the grid this many times over, pooling each cell's samples
     seed: int = 0  # seeds the random q, k, v of every cell
 
 

@@ -21,7 +21,7 @@ import variants
 
 from . import results as res
 from .cell import failure, one_line
-from .measure import DTYPES, gflops_per_s
+from .measure import DTYPES, gflops_per_s, summarize
 from .validate import ConfigError, Plan, check
 from .worker import Worker
 
@@ -56,7 +56,13 @@ def grid(plan: Plan, sweep) -> list[dict]:
                 "pass": pass_,
             }
             cells.setdefault(res.cell_key(cell_row(cell)), cell)  # an extra may repeat a cell
-    return list(cells.values())
+    ordered = list(cells.values())
+    if sweep.get("order", "variant") == "shape":  # stable: variants keep their order per shape
+        ordered.sort(key=lambda c: tuple(str(c[k]) for k in SHAPE_ORDER))
+    return ordered
+
+
+SHAPE_ORDER = ("dtype", "batch", "heads", "head_dim", "causal", "seq_len", "pass")
 
 
 def cell_row(cell: dict) -> dict:
@@ -190,21 +196,44 @@ def run(cfg) -> Path:
 
 
 def run_cells(cells, plan, sweep, table, worker, prov) -> Counter:
+    """Measure every cell not yet in the table. With ``sweep.rounds`` > 1 the whole grid is
+    measured that many times over and each cell's samples are pooled, so a slow spell of a
+    shared machine lands in one round of a cell, not in all of its samples; rows are then
+    written in the last round."""
     done = table.done_cells()
     todo = [c for c in cells if res.cell_key(cell_row(c)) not in done]
     if len(todo) < len(cells):
         print(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells already measured")
+    rounds = int(sweep.get("rounds", 1))
+    rows: list[dict | None] = [None] * len(todo)
     counts: Counter = Counter()
-    with tqdm(total=len(todo), unit="cell", dynamic_ncols=True) as bar:
-        for cell in todo:
-            bar.set_postfix_str(describe(cell), refresh=True)
-            row = measure(cell, plan, sweep, worker)
-            table.append({**row, **prov, "timestamp": res.now()})
-            counts[row["status"]] += 1
-            if row["status"] not in ("ok", "unsupported"):
-                bar.write(f"{row['status']}: {describe(cell)}: {row.get('reason', '')}")
-            bar.update()
+    with tqdm(total=len(todo) * rounds, unit="cell", dynamic_ncols=True) as bar:
+        for r in range(rounds):
+            for i, cell in enumerate(todo):
+                if rows[i] is None or rows[i]["status"] == "ok":  # a failed cell is not retried
+                    bar.set_postfix_str(describe(cell), refresh=True)
+                    rows[i] = pool_rounds(rows[i], measure(cell, plan, sweep, worker))
+                bar.update()
+                if r < rounds - 1:
+                    continue
+                row = rows[i]
+                table.append({**row, **prov, "timestamp": res.now()})
+                counts[row["status"]] += 1
+                if row["status"] not in ("ok", "unsupported"):
+                    bar.write(f"{row['status']}: {describe(cell)}: {row.get('reason', '')}")
     return counts
+
+
+def pool_rounds(before: dict | None, now: dict) -> dict:
+    """One row from a cell's rounds: the samples pooled and summarised again (a failure in a
+    later round is the row)."""
+    if before is None or now["status"] != "ok":
+        return now
+    ms = [float(x) for x in f"{before['samples_ms']} {now['samples_ms']}".split()]
+    row = {**before, **summarize([x / 1e3 for x in ms])}
+    row["peak_mem_mb"] = max(before.get("peak_mem_mb") or 0, now.get("peak_mem_mb") or 0)
+    row["gflops_per_s"] = gflops_per_s(row.get("flops"), row.get("latency_ms"))
+    return row
 
 
 def describe(cell: dict) -> str:

@@ -70,11 +70,17 @@ def check(cfg) -> Plan:
         _check_task(cfg.task)
     budget = _budget(sweep.memory_budget_mb, device)
     dtypes = [str(d) for d in sweep.dtypes]
-    return Plan(entries, device, threads, budget, dtypes, cfg.device.get("matmul_size"), malloc)
+    slowdown = _check_slowdown(cfg.get("inject_slowdown") or {}, entries)
+    matmul_size = cfg.device.get("matmul_size")
+    return Plan(entries, device, threads, budget, dtypes, matmul_size, malloc, slowdown)
 
 
 # --- the grid ---------------------------------------------------------------------------------
 def _check_grid(sweep) -> None:
+    if sweep.get("order", "variant") not in ("variant", "shape"):
+        raise ConfigError(f"sweep.order must be variant or shape, not {sweep.order!r}")
+    if int(sweep.get("rounds", 1)) < 1:
+        raise ConfigError(f"sweep.rounds must be >= 1, not {sweep.rounds}")
     _check_axes({k: list(sweep[k]) for k in (*ENTRY_AXES, "batch_sizes", "head_dims")}, "sweep.")
     if not list(sweep.dtypes):
         raise ConfigError("sweep.dtypes is empty")

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Does harness.compare flag what it should and nothing else? N A/A comparisons (a fresh `ci`
+# Does harness.compare flag what it should and nothing else? N A/A comparisons (a fresh `regress`
 # sweep of this checkout against BASELINE) and N comparisons of a sweep in which VARIANT's timed
 # calls are made FACTOR times slower by a busy wait (inject_slowdown), each against BASELINE.
 #   bash scripts/check_compare.sh [BASELINE] [N] [VARIANT] [FACTOR]
 # Writes build/compare-check/summary.txt; exit 1 if an A/A run is flagged or a slowdown missed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BASELINE=${1:-results/ci-baseline}
+BASELINE=${1:-results/regress-baseline}
 N=${2:-10}
 VARIANT=${3:-local}
 FACTOR=${4:-1.5}
@@ -17,7 +17,7 @@ rm -rf "$OUT" && mkdir -p "$OUT"
 one() {  # one() NAME [overrides...]: sweep, compare, print the compare's exit status
   local name=$1
   shift
-  "$PY" -m harness sweep=ci run_id="$name" results_dir="$OUT" report=false "$@" \
+  "$PY" -m harness sweep=regress run_id="$name" results_dir="$OUT" report=false "$@" \
     >"$OUT/$name.sweep.log" 2>&1 || { echo "sweep $name failed" >&2; echo 2; return; }
   "$PY" -m harness.compare "$BASELINE" "$OUT/$name" >"$OUT/$name.compare.txt" 2>&1
   echo $?

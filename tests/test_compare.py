@@ -44,12 +44,35 @@ def test_machine_wide_drift_is_not_a_regression(tmp_path, base, capsys):
     assert code == 0, out
 
 
-def test_threshold_alone_is_not_enough(tmp_path, base, capsys):
-    """Two samples per cell cannot pass a rank test at alpha 0.01: never a regression."""
+def test_a_variant_is_judged_by_all_its_cells(tmp_path, base, capsys):
+    """Two samples per cell cannot pass a rank test at alpha 0.01, but every cell of the slowed
+    variant moving the same way passes the signed-rank test over its cells."""
     b = write_run(tmp_path / "b2", seed=1, samples=2)
     n = write_run(tmp_path / "n2", seed=2, samples=2, slow={"local": 1.5})
     code, out, _ = run_compare(capsys, b, n)
-    assert code == 0 and "too few samples" in out
+    assert code == 1 and "REGRESSION (variant)" in out
+    flagged = out.split("REGRESSIONS:")[1]
+    assert "local" in flagged and "linear" not in flagged and "full" not in flagged
+
+
+def test_one_drifting_cell_is_not_a_regression(tmp_path, base, capsys):
+    """One cell of a shared machine can drift by half: alone, it must pass --cell-threshold."""
+    new = write_run(tmp_path / "new", seed=2)
+    rows = (new / "results.csv").read_text().splitlines()
+    header, body = rows[0].split(","), rows[1:]
+    i = next(k for k, line in enumerate(body) if line.startswith("speed,local,"))
+    lat = header.index("samples_ms")
+    cols = next(iter(__import__("csv").reader([body[i]])))
+    cols[lat] = " ".join(f"{float(x) * 1.6:.6g}" for x in cols[lat].split())
+    cols[header.index("latency_ms")] = f"{float(cols[header.index('latency_ms')]) * 1.6:.6g}"
+    buf = __import__("io").StringIO()
+    __import__("csv").writer(buf, lineterminator="").writerow(cols)
+    body[i] = buf.getvalue()
+    (new / "results.csv").write_text("\n".join([rows[0], *body]) + "\n")
+    code, out, _ = run_compare(capsys, base, new)
+    assert code == 0 and "slower, one cell (variant ok)" in out
+    code, out, _ = run_compare(capsys, base, new, "--cell-threshold", "0.5")
+    assert code == 1
 
 
 def test_flop_change_is_an_exact_mismatch(tmp_path, base, capsys):
