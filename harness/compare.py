@@ -1,12 +1,20 @@
 """``python -m harness.compare BASE NEW``: the regression check CI can trust (measurement.md).
 
 Absolute times from two runs are not comparable (shared machines drift by tens of percent), so
-each cell's time is first divided by a reference measured in the same run on the same shape
-(``sdpa_math`` by default; in pytest-benchmark JSON, the control benchmark). A cell regresses only
-when that ratio grew by more than ``--threshold`` AND a one-sided Mann-Whitney U test on the raw
-samples, each divided by its run's reference median, agrees at ``--alpha``. Exact quantities
-(analytic and counted FLOPs, CUDA allocator peaks) must match exactly; a cell that was ok and
-now fails (oom, error, ...) is a regression too.
+each cell's time is first divided by a reference measured in the same run on the same shape:
+by default the median time of every variant on that shape (``--reference median``; one variant,
+such as ``sdpa_math``, with ``--reference NAME``; in pytest-benchmark JSON, the control
+benchmark). A cell's change is its ratio now against its ratio before. On this project's
+shared 2-core machine one cell of two identical runs can still move by half, while all the
+cells of one variant do not move together, so a variant measured on MIN_CELLS shapes or more
+is judged as a whole: it regresses when the median change of its cells passes ``--threshold``
+AND a one-sided Wilcoxon signed-rank test over its cells agrees at ``--alpha`` (with too few
+cells for that test to reach alpha: every cell slower, each by its own rank test). One of its
+cells alone regresses only past ``--cell-threshold``. A variant with fewer cells (a
+micro-benchmark) is judged cell by cell: change past ``--threshold`` AND a one-sided
+Mann-Whitney U test on the raw samples, each divided by its run's reference, at ``--alpha``.
+Exact quantities (analytic and counted FLOPs, CUDA allocator peaks) must match exactly; a cell
+that was ok and now fails (oom, error, ...) is a regression too.
 
 Exit status: 0 no regression, 1 regression, 2 the inputs cannot be compared (reason on stderr).
 """

@@ -436,3 +436,22 @@ def test_task_runs_keep_the_presets_options_unless_a_config_sets_one():
     assert sweep.set_options("sparse", {"pattern": "bigbird", "block_size": 64}) == {
         "pattern": "bigbird"
     }
+
+
+def test_shape_order_puts_every_variant_of_a_shape_together():
+    cfg = compose_cfg("sweep=regress")
+    cells = sweep.grid(validate.check(cfg), cfg.sweep)
+    shapes = [(c["seq_len"], c["causal"], c["pass"]) for c in cells]
+    runs = [s for i, s in enumerate(shapes) if i == 0 or s != shapes[i - 1]]
+    assert len(runs) == len(set(shapes))  # each shape is one unbroken run of cells
+    assert len({c["variant"] for c in cells if (c["seq_len"], c["pass"]) == shapes[0][::2]}) > 5
+
+
+def test_rounds_pool_their_samples():
+    ok = lambda ms: {"status": "ok", "samples_ms": " ".join(map(str, ms)), "flops": 10**6}
+    first = sweep.pool_rounds(None, ok([1.0, 1.1]) | {"peak_mem_mb": 5.0})
+    both = sweep.pool_rounds(first, ok([3.0, 1.2, 0.9]) | {"peak_mem_mb": 7.0})
+    assert both["samples_ms"].split() == ["1", "1.1", "3", "1.2", "0.9"]
+    assert both["latency_ms"] == pytest.approx(1.1) and both["peak_mem_mb"] == 7.0
+    failed = {"status": "timeout", "reason": "slow"}
+    assert sweep.pool_rounds(both, failed) is failed

@@ -308,3 +308,25 @@ def test_variant_labels_show_only_the_options_that_differ():
         "sparse[pattern=fixed]",
         "local",
     ]
+
+
+def _browser_ready() -> bool:
+    import importlib.util
+    import shutil
+
+    names = ("chromium", "chromium-browser", "google-chrome")
+    has_browser = any(shutil.which(n) for n in names)
+    return has_browser and importlib.util.find_spec("playwright") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _browser_ready(), reason="needs Chromium and playwright")
+def test_page_in_headless_chromium_shows_every_plot(full_report):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import check_report
+
+    page, _ = full_report
+    images, problems = check_report.check_page(page, check_report.find_chromium(None))
+    assert images > 5 and problems == []
