@@ -254,7 +254,7 @@ def _check_resume(cfg) -> None:
 def _check_fresh(cfg) -> None:
     """A new run never writes into a run that holds results: rows would mix two runs."""
     run_dir = Path(cfg.results_dir) / str(cfg.run_id)
-    if (run_dir / "results.csv").exists() or (run_dir / "meta.json").exists():
+    if (run_dir / "results.csv").is_file() or (run_dir / "meta.json").is_file():
         raise ConfigError(
             f"run_id={cfg.run_id}: {run_dir} already holds a run; pass resume={cfg.run_id} to "
             "measure only its missing cells, or choose another run_id"
