@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import dense_flops, itemsize, softmax_scale
-from .registry import Attention, Common, register
+from .common import itemsize, softmax_scale
+from .registry import Common, DenseAttention, register
 
 
 @dataclass
@@ -66,21 +66,11 @@ def chunked_attention(q, k, v, causal: bool, chunk: int):
 
 
 @register("full", config=FullConfig)
-class Full(Attention):
+class Full(DenseAttention):
     def attend(self, q, k, v, causal):
         if self.cfg.chunk_size is None:
             return dense_attention(q, k, v, causal)
         return chunked_attention(q, k, v, causal, self.cfg.chunk_size)
-
-    def flops(self, *, batch, heads, seq_len, head_dim, causal=False, backward=False):
-        return dense_flops(
-            batch=batch,
-            heads=heads,
-            seq_len=seq_len,
-            head_dim=head_dim,
-            causal=causal,
-            backward=backward,
-        )
 
     def memory_model(self, *, batch, heads, seq_len, head_dim, causal=False, dtype=torch.float32):
         size = itemsize(dtype)

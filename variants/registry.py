@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .common import dense_flops
+
 
 class Unsupported(NotImplementedError):
     """A case a variant cannot run. The message says why, and what to do instead."""
@@ -88,6 +90,21 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.cfg).items())
+
+
+class DenseAttention(Attention):
+    """An exact variant that computes every (causally) visible pair: its useful work, and so
+    its FLOPs, are those of ``full``."""
+
+    def flops(self, *, batch, heads, seq_len, head_dim, causal=False, backward=False):
+        return dense_flops(
+            batch=batch,
+            heads=heads,
+            seq_len=seq_len,
+            head_dim=head_dim,
+            causal=causal,
+            backward=backward,
+        )
 
 
 def _check_inputs(q, k, v):

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .common import dense_flops, itemsize, softmax_, softmax_scale
-from .registry import Attention, Common, register
+from .common import itemsize, softmax_, softmax_scale
+from .registry import Common, DenseAttention, register
 
 KINDS = ("t5", "alibi")
 T5_INIT_STD = 0.1  # small: the bias starts as a gentle preference, as a freshly trained T5's
@@ -92,7 +92,7 @@ def relative_positions(q_start: int, n_q: int, n_k: int, device) -> torch.Tensor
 
 # --- the module -----------------------------------------------------------------------------
 @register("relative", config=RelativeConfig)
-class Relative(Attention):
+class Relative(DenseAttention):
     def __init__(self, cfg: RelativeConfig):
         super().__init__(cfg)
         if cfg.kind == "t5":
@@ -155,16 +155,6 @@ class Relative(Attention):
         return torch.cat(outs, dim=-2)
 
     # --- cost models ------------------------------------------------------------------------
-    def flops(self, *, batch, heads, seq_len, head_dim, causal=False, backward=False):
-        return dense_flops(
-            batch=batch,
-            heads=heads,
-            seq_len=seq_len,
-            head_dim=head_dim,
-            causal=causal,
-            backward=backward,
-        )
-
     def memory_model(self, *, batch, heads, seq_len, head_dim, causal=False, dtype=torch.float32):
         """Forward without autograd: one chunk's scores (bias, mask and softmax are applied in
         place), its gathered bias and index, the bias table, and the chunks' outputs and cat."""

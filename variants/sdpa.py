@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .common import dense_flops, itemsize
-from .registry import Attention, Unsupported, register
+from .common import itemsize
+from .registry import DenseAttention, Unsupported, register
 
 HALF = (torch.float16, torch.bfloat16)
 
 
-class SDPA(Attention):
+class SDPA(DenseAttention):
     backend: SDPBackend | None = None  # None: PyTorch's own dispatch
 
     def unsupported(self, *, device="cpu", dtype=torch.float32, causal=False, seq_len=None):
@@ -39,16 +39,6 @@ class SDPA(Attention):
             if "No viable backend" in str(e) or "not supported" in str(e).lower():
                 raise Unsupported(f"{self.name}: {self.backend.name} refused these inputs") from e
             raise
-
-    def flops(self, *, batch, heads, seq_len, head_dim, causal=False, backward=False):
-        return dense_flops(
-            batch=batch,
-            heads=heads,
-            seq_len=seq_len,
-            head_dim=head_dim,
-            causal=causal,
-            backward=backward,
-        )
 
     def memory_model(self, *, batch, heads, seq_len, head_dim, causal=False, dtype=torch.float32):
         size = itemsize(dtype)

@@ -7,8 +7,8 @@ import functools
 
 import torch
 
-from .common import dense_flops, itemsize
-from .registry import Attention, Unsupported, register
+from .common import itemsize
+from .registry import DenseAttention, Unsupported, register
 
 
 @functools.cache
@@ -41,7 +41,7 @@ def _bias(xops, causal):
 
 
 @register("xformers")
-class XFormers(Attention):
+class XFormers(DenseAttention):
     def unsupported(self, *, device="cpu", dtype=torch.float32, causal=False, seq_len=None):
         reasons = super().unsupported(device=device, dtype=dtype, causal=causal, seq_len=seq_len)
         if torch.device(device).type != "cuda":
@@ -57,16 +57,6 @@ class XFormers(Attention):
             raise Unsupported(f"{self.name}: {err}")
         t = lambda x: x.transpose(1, 2)  # (B, H, n, d) -> xformers' (B, n, H, d)
         return t(xops.memory_efficient_attention(t(q), t(k), t(v), attn_bias=_bias(xops, causal)))
-
-    def flops(self, *, batch, heads, seq_len, head_dim, causal=False, backward=False):
-        return dense_flops(
-            batch=batch,
-            heads=heads,
-            seq_len=seq_len,
-            head_dim=head_dim,
-            causal=causal,
-            backward=backward,
-        )
 
     def memory_model(self, *, batch, heads, seq_len, head_dim, causal=False, dtype=torch.float32):
         return batch * heads * seq_len * head_dim * itemsize(dtype)
