@@ -62,10 +62,14 @@ class FlexTwin(Attention):
     def score_mod(self, seq_len: int):
         return None
 
-    def unsupported(self, *, device="cpu", dtype=torch.float32, causal=False, seq_len=None):
-        reasons = super().unsupported(device=device, dtype=dtype, causal=causal, seq_len=seq_len)
+    def unsupported(
+        self, *, device="cpu", dtype=torch.float32, causal=False, seq_len=None, kv_heads=None
+    ):
+        reasons = super().unsupported(
+            device=device, dtype=dtype, causal=causal, seq_len=seq_len, kv_heads=kv_heads
+        )
         reasons += self.inner.unsupported(
-            device=device, dtype=dtype, causal=causal, seq_len=seq_len
+            device=device, dtype=dtype, causal=causal, seq_len=seq_len, kv_heads=kv_heads
         )
         if self.cfg.compile and torch.device(device).type == "cpu" and dtype == torch.float64:
             reasons.append("compiled FlexAttention on CPU has no float64 kernel; use float32")
@@ -99,7 +103,18 @@ class FlexTwin(Attention):
     def flops(self, **shape):
         return self.inner.flops(**shape)
 
-    def memory_model(self, *, batch, heads, seq_len, head_dim, causal=False, dtype=torch.float32):
+    def memory_model(
+        self,
+        *,
+        batch,
+        heads,
+        seq_len,
+        head_dim,
+        causal=False,
+        dtype=torch.float32,
+        backward=False,
+        kv_heads=None,
+    ):
         if not self.cfg.compile:  # eager flex_attention materialises the scores like `full`
             return registry.build("full").memory_model(
                 batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, dtype=dtype

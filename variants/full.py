@@ -72,7 +72,18 @@ class Full(DenseAttention):
             return dense_attention(q, k, v, causal)
         return chunked_attention(q, k, v, causal, self.cfg.chunk_size)
 
-    def memory_model(self, *, batch, heads, seq_len, head_dim, causal=False, dtype=torch.float32):
+    def memory_model(
+        self,
+        *,
+        batch,
+        heads,
+        seq_len,
+        head_dim,
+        causal=False,
+        dtype=torch.float32,
+        backward=False,
+        kv_heads=None,
+    ):
         size = itemsize(dtype)
         out = batch * heads * seq_len * head_dim * size
         if self.cfg.chunk_size is None:  # the scores and the softmax: two n x n per head

@@ -212,7 +212,9 @@ class Linear(Attention):
             return linear_attention(fq, fk, v, cfg.eps)
         return causal_linear_attention(fq, fk, v, cfg.eps, cfg.chunk_size, k_logw)
 
-    def flops(self, *, batch, heads, seq_len, head_dim, causal=False, backward=False):
+    def flops(
+        self, *, batch, heads, seq_len, head_dim, causal=False, backward=False, kv_heads=None
+    ):
         """The matmuls as computed: 2 per multiply-add, padding included; backward computes the
         gradients of both operands of each product (2x), of the favor projection only x's."""
         m, dv1, bh = self.num_features(head_dim), head_dim + 1, batch * heads
@@ -227,7 +229,18 @@ class Linear(Attention):
         fwd = proj + core
         return fwd + 2 * core + proj if backward else fwd
 
-    def memory_model(self, *, batch, heads, seq_len, head_dim, causal=False, dtype=torch.float32):
+    def memory_model(
+        self,
+        *,
+        batch,
+        heads,
+        seq_len,
+        head_dim,
+        causal=False,
+        dtype=torch.float32,
+        backward=False,
+        kv_heads=None,
+    ):
         m, bh = self.num_features(head_dim), batch * heads
         c = min(self.cfg.chunk_size, seq_len)
         n = -(-seq_len // c) * c if causal else seq_len

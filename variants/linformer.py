@@ -88,8 +88,12 @@ class Linformer(Attention):
         """(E, F), each (heads or 1, proj_len, seq_len); the same tensor twice for share='kv'."""
         return self.E, self.F
 
-    def unsupported(self, *, device="cpu", dtype=torch.float32, causal=False, seq_len=None):
-        reasons = super().unsupported(device=device, dtype=dtype, causal=causal, seq_len=seq_len)
+    def unsupported(
+        self, *, device="cpu", dtype=torch.float32, causal=False, seq_len=None, kv_heads=None
+    ):
+        reasons = super().unsupported(
+            device=device, dtype=dtype, causal=causal, seq_len=seq_len, kv_heads=kv_heads
+        )
         if causal:
             reasons.append(
                 "no causal mode: the projection E k mixes all positions, future ones included"
@@ -113,7 +117,9 @@ class Linformer(Attention):
         E, F = (p[..., :n].to(device=q.device, dtype=q.dtype) for p in (self.E, self.F))
         return linformer_attention(q, k, v, E, F)
 
-    def flops(self, *, batch, heads, seq_len, head_dim, causal=False, backward=False):
+    def flops(
+        self, *, batch, heads, seq_len, head_dim, causal=False, backward=False, kv_heads=None
+    ):
         kp = self.cfg.proj_len
         # E k and F v: 2 * k * n * d each; their backward (grads of k, v and E, F) is 2x.
         proj = 2 * 2 * batch * heads * kp * seq_len * head_dim
@@ -122,7 +128,18 @@ class Linformer(Attention):
         )
         return proj * 3 + attn if backward else proj + attn
 
-    def memory_model(self, *, batch, heads, seq_len, head_dim, causal=False, dtype=torch.float32):
+    def memory_model(
+        self,
+        *,
+        batch,
+        heads,
+        seq_len,
+        head_dim,
+        causal=False,
+        dtype=torch.float32,
+        backward=False,
+        kv_heads=None,
+    ):
         size = itemsize(dtype)
         kp = self.cfg.proj_len
         projected = 2 * batch * heads * kp * head_dim  # E k and F v

@@ -133,13 +133,26 @@ class Local(Attention):
             )
         return local_attention(q, k, v, self.cfg.window, causal)
 
-    def flops(self, *, batch, heads, seq_len, head_dim, causal=False, backward=False):
+    def flops(
+        self, *, batch, heads, seq_len, head_dim, causal=False, backward=False, kv_heads=None
+    ):
         pairs = band_pairs(seq_len, self.cfg.window, causal)
         return softmax_flops(
             batch=batch, heads=heads, pairs=pairs, head_dim=head_dim, backward=backward
         )
 
-    def memory_model(self, *, batch, heads, seq_len, head_dim, causal=False, dtype=torch.float32):
+    def memory_model(
+        self,
+        *,
+        batch,
+        heads,
+        seq_len,
+        head_dim,
+        causal=False,
+        dtype=torch.float32,
+        backward=False,
+        kv_heads=None,
+    ):
         """Forward without autograd: the scores of every slab (softmax runs in place on them),
         the zero-framed k and v, the output, and the cached mask and -inf bias."""
         b = block_size(self.cfg.window, seq_len)

@@ -244,7 +244,9 @@ class Reformer(Attention):
         padded = -(-seq_len // chunk) * chunk
         return chunk, padded, num_buckets(seq_len, self.cfg.bucket_size)
 
-    def flops(self, *, batch, heads, seq_len, head_dim, causal=False, backward=False):
+    def flops(
+        self, *, batch, heads, seq_len, head_dim, causal=False, backward=False, kv_heads=None
+    ):
         """Hashing (x R, no gradient) plus softmax attention over the pairs computed: each
         round, every (padded) query against 2 chunks of keys, masked or not."""
         chunk, padded, nb = self._shape(seq_len)
@@ -256,7 +258,18 @@ class Reformer(Attention):
         )
         return hashing + attn
 
-    def memory_model(self, *, batch, heads, seq_len, head_dim, causal=False, dtype=torch.float32):
+    def memory_model(
+        self,
+        *,
+        batch,
+        heads,
+        seq_len,
+        head_dim,
+        causal=False,
+        dtype=torch.float32,
+        backward=False,
+        kv_heads=None,
+    ):
         """The attention phase: scores (exponentiated in place), the boolean masks (causal
         and duplicates, plus a scratch of the later rounds), the gathered q / keys / v and the
         per-round outputs. Hashing's n x nb / 2 projections come first and are smaller."""

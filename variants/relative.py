@@ -155,7 +155,18 @@ class Relative(DenseAttention):
         return torch.cat(outs, dim=-2)
 
     # --- cost models ------------------------------------------------------------------------
-    def memory_model(self, *, batch, heads, seq_len, head_dim, causal=False, dtype=torch.float32):
+    def memory_model(
+        self,
+        *,
+        batch,
+        heads,
+        seq_len,
+        head_dim,
+        causal=False,
+        dtype=torch.float32,
+        backward=False,
+        kv_heads=None,
+    ):
         """Forward without autograd: one chunk's scores (bias, mask and softmax are applied in
         place), its gathered bias and index, the bias table, and the chunks' outputs and cat."""
         size = itemsize(dtype)

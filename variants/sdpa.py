@@ -19,8 +19,12 @@ HALF = (torch.float16, torch.bfloat16)
 class SDPA(DenseAttention):
     backend: SDPBackend | None = None  # None: PyTorch's own dispatch
 
-    def unsupported(self, *, device="cpu", dtype=torch.float32, causal=False, seq_len=None):
-        reasons = super().unsupported(device=device, dtype=dtype, causal=causal, seq_len=seq_len)
+    def unsupported(
+        self, *, device="cpu", dtype=torch.float32, causal=False, seq_len=None, kv_heads=None
+    ):
+        reasons = super().unsupported(
+            device=device, dtype=dtype, causal=causal, seq_len=seq_len, kv_heads=kv_heads
+        )
         reasons += self._backend_limits(torch.device(device).type, dtype)
         if not reasons and self.backend is not None:
             reasons += _probe(self.backend, str(device), dtype, causal)
@@ -40,7 +44,18 @@ class SDPA(DenseAttention):
                 raise Unsupported(f"{self.name}: {self.backend.name} refused these inputs") from e
             raise
 
-    def memory_model(self, *, batch, heads, seq_len, head_dim, causal=False, dtype=torch.float32):
+    def memory_model(
+        self,
+        *,
+        batch,
+        heads,
+        seq_len,
+        head_dim,
+        causal=False,
+        dtype=torch.float32,
+        backward=False,
+        kv_heads=None,
+    ):
         size = itemsize(dtype)
         out = batch * heads * seq_len * head_dim * size
         if self.backend == SDPBackend.MATH:

@@ -312,8 +312,12 @@ class Sparse(Attention):
             mask &= torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
         return mask[None]
 
-    def unsupported(self, *, device="cpu", dtype=torch.float32, causal=False, seq_len=None):
-        reasons = super().unsupported(device=device, dtype=dtype, causal=causal, seq_len=seq_len)
+    def unsupported(
+        self, *, device="cpu", dtype=torch.float32, causal=False, seq_len=None, kv_heads=None
+    ):
+        reasons = super().unsupported(
+            device=device, dtype=dtype, causal=causal, seq_len=seq_len, kv_heads=kv_heads
+        )
         if causal and self.cfg.pattern == "bigbird":
             reasons.append(
                 "bigbird's global and random blocks look ahead, so it has no causal form "
@@ -361,13 +365,26 @@ class Sparse(Attention):
             pairs -= int((sizes * sizes - sizes * (sizes + 1) // 2).sum())
         return pairs
 
-    def flops(self, *, batch, heads, seq_len, head_dim, causal=False, backward=False):
+    def flops(
+        self, *, batch, heads, seq_len, head_dim, causal=False, backward=False, kv_heads=None
+    ):
         pairs = self.visible_pairs(seq_len, causal)
         return softmax_flops(
             batch=batch, heads=heads, pairs=pairs, head_dim=head_dim, backward=backward
         )
 
-    def memory_model(self, *, batch, heads, seq_len, head_dim, causal=False, dtype=torch.float32):
+    def memory_model(
+        self,
+        *,
+        batch,
+        heads,
+        seq_len,
+        head_dim,
+        causal=False,
+        dtype=torch.float32,
+        backward=False,
+        kv_heads=None,
+    ):
         """One round's scores, probabilities and gathered k and v (the largest round of any
         group), every group's mask, the padded q/k/v, the rounds' outputs and their cat."""
         size, b = itemsize(dtype), self.cfg.block_size

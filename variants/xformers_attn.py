@@ -42,8 +42,12 @@ def _bias(xops, causal):
 
 @register("xformers")
 class XFormers(DenseAttention):
-    def unsupported(self, *, device="cpu", dtype=torch.float32, causal=False, seq_len=None):
-        reasons = super().unsupported(device=device, dtype=dtype, causal=causal, seq_len=seq_len)
+    def unsupported(
+        self, *, device="cpu", dtype=torch.float32, causal=False, seq_len=None, kv_heads=None
+    ):
+        reasons = super().unsupported(
+            device=device, dtype=dtype, causal=causal, seq_len=seq_len, kv_heads=kv_heads
+        )
         if torch.device(device).type != "cuda":
             return reasons + [
                 "xformers' memory_efficient_attention has CUDA kernels only, none for "
@@ -58,5 +62,16 @@ class XFormers(DenseAttention):
         t = lambda x: x.transpose(1, 2)  # (B, H, n, d) -> xformers' (B, n, H, d)
         return t(xops.memory_efficient_attention(t(q), t(k), t(v), attn_bias=_bias(xops, causal)))
 
-    def memory_model(self, *, batch, heads, seq_len, head_dim, causal=False, dtype=torch.float32):
+    def memory_model(
+        self,
+        *,
+        batch,
+        heads,
+        seq_len,
+        head_dim,
+        causal=False,
+        dtype=torch.float32,
+        backward=False,
+        kv_heads=None,
+    ):
         return batch * heads * seq_len * head_dim * itemsize(dtype)
