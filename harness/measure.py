@@ -6,8 +6,11 @@ the CPU high-water mark belongs to one cell and a crash takes only the worker do
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import resource
+import sys
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -84,6 +87,74 @@ def clear_grads(attn, *tensors) -> None:
 
 
 # --- memory -----------------------------------------------------------------------------------
+class TensorPeak:
+    """Peak of live tensor bytes on the CPU above what was live when :meth:`start` ran: the
+    quantity CUDA's ``max_memory_allocated() - baseline`` gives, independent of the malloc.
+
+    The PyTorch profiler with ``profile_memory=True`` records every allocation and free of
+    tensor storage by c10's CPU allocator as a ``[memory]`` event (+bytes, -bytes); the running
+    sum of those events in time order is the live memory the call added, and its maximum is the
+    peak. Memory a kernel library takes outside c10 (oneDNN scratch) is not tensor memory and
+    is not counted; the process high-water mark (:class:`RssPeak`) sees it.
+    """
+
+    def __init__(self):
+        self.prof = None
+
+    def start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        gc.collect()
+        self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        with _quiet_stderr():  # kineto announces every start and stop on stderr
+            self.prof.start()
+
+    def stop(self) -> int:
+        with _quiet_stderr():
+            self.prof.stop()
+        events = [
+            e
+            for e in self.prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+        ]
+        self.prof = None
+        return running_peak(sorted(events, key=lambda e: e.start_ns()))
+
+
+def running_peak(events) -> int:
+    """Maximum of the running sum of the events' bytes (allocations +, frees -), from 0."""
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 sent to /dev/null inside the block (C++ logging writes there)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def tensor_peak_bytes(fn: Callable) -> int:
+    """Peak live tensor bytes that one call of ``fn`` adds on the CPU (see TensorPeak)."""
+    meter = TensorPeak()
+    meter.start()
+    try:
+        fn()
+    finally:
+        peak = meter.stop()
+    return peak
+
+
 def _status_kb(key: str) -> int | None:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
