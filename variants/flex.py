@@ -42,6 +42,8 @@ def twin_config(twin: type[Common]) -> type[Common]:
 class FlexTwin(Attention):
     """Subclasses set ``twin`` and may override :meth:`mask_mod` and :meth:`score_mod`."""
 
+    baseline = True  # a library kernel, not our own implementation
+
     twin: str = "full"
     compiled = True
 

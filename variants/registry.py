@@ -66,6 +66,10 @@ class Attention(nn.Module):
 
     name: str = "?"  # set by build(): the registry key
     compiled: bool = False  # True for torch.compile'd baselines: their first call is compile time
+    baseline: bool = False  # True for library kernels (sdpa, xformers, flex); False: our own
+    # flops() counts every product the call computes (no masked, padded or recomputed work), so
+    # FlopCounterMode's count equals it; False where the call computes more than it keeps
+    counted_equals_analytic: bool = True
 
     def __init__(self, cfg: Common):
         super().__init__()

@@ -17,6 +17,7 @@ HALF = (torch.float16, torch.bfloat16)
 
 
 class SDPA(DenseAttention):
+    baseline = True  # a library kernel, not our own implementation
     backend: SDPBackend | None = None  # None: PyTorch's own dispatch
 
     def unsupported(

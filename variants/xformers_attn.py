@@ -42,6 +42,8 @@ def _bias(xops, causal):
 
 @register("xformers")
 class XFormers(DenseAttention):
+    baseline = True  # a library kernel, not our own implementation
+
     def unsupported(
         self, *, device="cpu", dtype=torch.float32, causal=False, seq_len=None, kv_heads=None
     ):
