@@ -18,7 +18,6 @@ shows as a failed run beside the others (docs/cluster.md).
 from __future__ import annotations
 
 import multiprocessing
-import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -27,22 +26,8 @@ import hydra
 
 from harness import config  # noqa: F401  (stores the structured configs)
 from harness.cell import one_line
+from harness.results import RunLocked
 from harness.sweep import ConfigError, run
-
-
-def _discard_hydra_output() -> None:
-    """A refused run leaves nothing behind: remove the folder Hydra made for its own output,
-    but only when that is all the run folder holds."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return
-    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
-    run_dir = hydra_dir.parent
-    if hydra_dir.name == ".hydra" and [p.name for p in run_dir.iterdir()] == [".hydra"]:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        if run_dir.parent.is_dir() and not any(run_dir.parent.iterdir()):
-            run_dir.parent.rmdir()  # the results folder itself, if this run made it
 
 
 def _multirun() -> bool:
@@ -95,21 +80,51 @@ def main(cfg) -> None:
         _into_multirun_folder(cfg)
         _plain_start_method()
     try:
-        run_dir = run(cfg)
-    except ConfigError as e:
+        run_dir = run(cfg, _overrides())
+    except (ConfigError, RunLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         if _multirun():
-            _mark_failed(cfg, e)  # shown in the multirun's report beside the other jobs
+            if isinstance(e, ConfigError):
+                _mark_failed(cfg, e)  # shown in the multirun's report beside the other jobs
             raise  # Hydra records this job as failed and runs the others
-        _discard_hydra_output()
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished cells are saved: resume with resume={cfg.run_id}")
         sys.exit(130)
+    except OSError as e:  # a full disk, say: every row written before is on disk
+        _mark_failed(cfg, e)
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        if _multirun():
+            raise
+        sys.exit(1)
     except Exception as e:  # the run folder keeps what it finished; mark it, then fail as before
         _mark_failed(cfg, e)
         raise
     (run_dir / "FAILED").unlink(missing_ok=True)  # a resume that completed a failed run
+    if cfg.report:
+        render_report(run_dir, cfg.report_dir)
+
+
+def _overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def render_report(run_dir: Path, report_dir: str | None) -> Path | None:
+    """The report of this run, beside its results (or in ``report_dir``). Entry point code: the
+    measuring layer never imports the report; both are imported from here."""
+    from harness import report
+
+    out = Path(report_dir) if report_dir else run_dir
+    name = None if report_dir else "report"
+    try:
+        page = report.render([run_dir], out_dir=out, name=name)
+    except Exception as e:  # the results are safe on disk; say why there is no page
+        print(f"report: not rendered ({one_line(f'{type(e).__name__}: {e}', 300)})")
+        return None
+    print(f"report: {page}")
+    return Path(page)
 
 
 if __name__ == "__main__":

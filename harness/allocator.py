@@ -1,31 +1,42 @@
 """The measuring worker's malloc (``device.allocator``), and giving freed memory back to the OS.
 
-glibc serves every block over its mmap threshold (32 MB at most) with a fresh ``mmap`` and
-unmaps it on free, so on a long sequence each call of a variant page-faults its big tensors in
-again (~0.4 ms per MB here): the time then grows faster than the work. jemalloc keeps freed
-pages for reuse, as a CUDA caching allocator does, so latency measures the kernel, not the page
-faults. The peak memory stays honest: :func:`exact_peak_start` purges every cached page before
-the call whose peak is measured and has jemalloc free pages at once during it
-(``muzzy_decay_ms:0`` makes that a real ``MADV_DONTNEED``, not a lazy ``MADV_FREE`` whose pages
-would still count as resident), so the peak is the call's live memory, not the cache.
+Stock glibc serves every block over its mmap threshold (32 MB at most) with a fresh ``mmap``
+and unmaps it on free, so on a long sequence each call of a variant page-faults its big tensors
+in again (~0.4 ms per MB here): the time then grows faster than the work. Three settings:
+
+- ``cached`` (the default, nothing to install): glibc told through its environment never to
+  serve a block by mmap and never to give freed memory back (``MALLOC_MMAP_MAX_=0``, a huge
+  ``MALLOC_TRIM_THRESHOLD_``), so freed pages are reused as CUDA's caching allocator reuses
+  them and a cell times the kernel in steady state;
+- ``system``: stock glibc, page faults included (for comparison);
+- ``jemalloc`` (``apt install libjemalloc2``) or a path to another malloc library, preloaded.
+
+The headline memory figure is tensor bytes (harness.measure.TensorPeak), which no malloc setting
+changes. The process high-water mark beside it is made as honest as a cache allows:
+:func:`exact_peak_start` gives every freed page back to the OS before the call whose peak is
+measured (glibc: ``malloc_trim``; jemalloc: a purge, with pages freed at once during the call:
+``muzzy_decay_ms:0`` makes that a real ``MADV_DONTNEED``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 from pathlib import Path
 
 LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib")
 LIBRARIES = {"jemalloc": ("libjemalloc.so.2", "libjemalloc.so")}
+SETTINGS = ("cached", "system", "jemalloc")  # or a path to a malloc library
+CACHED_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**46)}  # 64 TB: never
 DIRTY_DECAY_MS = -1  # between measured peaks jemalloc keeps every freed page, as CUDA's cache
 MALLOC_CONF = f"dirty_decay_ms:{DIRTY_DECAY_MS},muzzy_decay_ms:0"  # a purge frees pages at once
 ALL_ARENAS = 4096  # jemalloc's MALLCTL_ARENAS_ALL
 
 
 def library(name: str) -> str | None:
-    """The shared library to preload for ``device.allocator`` (None: the system's malloc)."""
-    if name in ("system", "", None):
+    """The shared library to preload for ``device.allocator`` (None: glibc, cached or stock)."""
+    if name in ("cached", "system", "", None):
         return None
     if "/" in name:
         if not Path(name).is_file():
@@ -33,7 +44,8 @@ def library(name: str) -> str | None:
         return name
     if name not in LIBRARIES:
         raise ValueError(
-            f"device.allocator={name}: unknown; use system, jemalloc or a path to a malloc library"
+            f"device.allocator={name}: unknown; use {', '.join(SETTINGS)} or a path to a malloc "
+            "library"
         )
     for file in LIBRARIES[name]:
         for folder in LIB_DIRS:
@@ -44,15 +56,18 @@ def library(name: str) -> str | None:
         return found
     raise ValueError(
         f"device.allocator={name}: lib{name} is not installed (Debian/Ubuntu: apt install "
-        f"lib{name}2); install it, or run with device.allocator=system"
+        f"lib{name}2); install it, or run with device.allocator=cached (the default)"
     )
 
 
-def worker_env(path: str | None) -> dict:
-    """Environment variables that make a freshly started process use ``path`` as its malloc."""
-    if path is None:
+def worker_env(setting: str | None) -> dict:
+    """Environment variables that give a freshly started process the malloc of ``setting``
+    (a name of SETTINGS or a library path)."""
+    if setting in (None, "", "cached"):
+        return dict(CACHED_ENV)
+    if setting == "system":
         return {}
-    return {"LD_PRELOAD": path, "MALLOC_CONF": MALLOC_CONF}
+    return {"LD_PRELOAD": library(setting), "MALLOC_CONF": MALLOC_CONF}
 
 
 def in_use() -> str:
@@ -62,7 +77,8 @@ def in_use() -> str:
     for name, files in LIBRARIES.items():
         if any(f in text for f in files):
             return name
-    return "system"
+    cached = all(os.environ.get(k) == v for k, v in CACHED_ENV.items())
+    return "cached" if cached else "system"
 
 
 def _mallctl():

@@ -33,7 +33,7 @@ import pandas as pd
 from scipy.stats import mannwhitneyu, wilcoxon
 
 from harness import schema
-from harness.report.load import compact_options, find_run_dirs, read_run, samples
+from harness.results import compact_options, find_run_dirs, read_run, samples
 
 SHAPE = [c for c in schema.CELL_KEY if c not in ("variant", "options")]
 EXACT = ("flops", "counted_flops", "peak_mem_mb")  # peak_mem_mb: exact on CUDA only

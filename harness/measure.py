@@ -10,8 +10,8 @@ import contextlib
 import gc
 import os
 import resource
-import sys
 import statistics
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,9 +19,8 @@ import torch
 from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import allocator
+from . import allocator, results
 
-NOISY = 0.10  # IQR / median above this flags a cell `noisy`
 DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -32,30 +31,36 @@ DTYPES = {
 
 # --- time -------------------------------------------------------------------------------------
 def time_fn(fn: Callable, *, threads: int, min_run_time: float, min_blocks: int) -> list[float]:
-    """Seconds per call, one sample per timed block. The Timer synchronises CUDA itself."""
+    """Seconds per call, one sample per timed block: blocks of a size chosen by the Timer (one
+    estimate, which is also a warm-up) until ``min_run_time`` has passed AND ``min_blocks``
+    blocks are timed. The Timer synchronises CUDA itself."""
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    # blocked_autorange stops at min_run_time, and topping it up with timeit() would run two
+    # warm-up calls per extra block; the loop under both, with our stop rule, runs none.
+    loop = getattr(timer, "_threaded_measurement_loop", None)
+    if loop is None:  # a torch without that loop: the public API (warm-ups on top-up)
+        return _topped_up(timer, min_run_time, min_blocks)
+    number = timer._estimate_block_size(min_run_time=0.05)
+    times = loop(
+        number,
+        time_hook=lambda: timer._timeit(number),
+        stop_hook=lambda times: len(times) >= min_blocks,
+        min_run_time=min_run_time,
+    )
+    return [t / number for t in times]
+
+
+def _topped_up(timer, min_run_time: float, min_blocks: int) -> list[float]:
     m = timer.blocked_autorange(min_run_time=min_run_time)
     samples = list(m.times)
-    while len(samples) < min_blocks:  # slow calls give few blocks: top up with same-size blocks
+    while len(samples) < min_blocks:
         samples.extend(timer.timeit(m.number_per_run).times)
     return samples
 
 
 def summarize(samples: list[float]) -> dict:
-    """Median and IQR in ms, the raw samples, and the noise flag."""
-    ms = [s * 1e3 for s in samples]
-    median = statistics.median(ms)
-    if len(ms) >= 2:
-        q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive")
-        iqr = q3 - q1
-    else:
-        iqr = 0.0
-    return {
-        "latency_ms": median,
-        "latency_iqr_ms": iqr,
-        "noisy": bool(median > 0 and iqr / median > NOISY),
-        "samples_ms": " ".join(f"{x:.6g}" for x in ms),
-    }
+    """Median and IQR in ms, the raw samples, and the noise flag (harness.results)."""
+    return results.summarize(samples)
 
 
 # --- the timed calls --------------------------------------------------------------------------
@@ -71,11 +76,28 @@ def forward_step(attn, q, k, v, causal: bool) -> Callable:
 
 def forward_backward_step(attn, q, k, v, causal: bool, grad) -> Callable:
     """The `fwd_bwd` pass: forward then backward; gradients set to None first so each call
-    allocates them as a training step would (accumulating would add a read-modify-write)."""
+    allocates them as a training step would (accumulating would add a read-modify-write).
+    ``step.clear()`` drops them ahead of a call whose memory is measured, so that freeing the
+    last call's gradients is not counted against this one."""
+
+    def clear():
+        clear_grads(attn, q, k, v)
 
     def step():
-        clear_grads(attn, q, k, v)
+        clear()
         attn(q, k, v, causal=causal).backward(grad)
+
+    step.clear = clear
+    return step
+
+
+def decode_step(attn, q_t, k_t, v_t, cache) -> Callable:
+    """The `decode` pass: one new token against ``cache``, which the step leaves unchanged as
+    its holder sees it (variants-api), so every call is the same step at the same context."""
+
+    def step():
+        with torch.no_grad():
+            return attn.decode(q_t, k_t, v_t, cache)
 
     return step
 
@@ -171,19 +193,21 @@ def _reset_hwm() -> bool:
         return False
 
 
-class CpuPeak:
-    """The process high-water mark above a baseline, in bytes.
+class RssPeak:
+    """The process high-water mark above its size when :meth:`start` ran, in bytes: what the
+    operating system saw (malloc's caches and fragmentation included), beside the tensor peak.
 
     Where the kernel lets us reset ``VmHWM`` the mark is per measured call. Elsewhere
-    ``ru_maxrss`` never goes down, so a process measures one call, its first: ``resettable``
-    tells the caller to use a fresh process per cell and to measure the warm-up call.
+    ``ru_maxrss`` never goes down, so a process measures one call, its first, above its current
+    RSS: ``resettable`` tells the caller to use a fresh process per cell and to measure the
+    warm-up call.
     """
 
     def __init__(self):
         self.resettable = _reset_hwm()
         self.base_kb = 0
 
-    def _read_kb(self) -> int:
+    def _peak_kb(self) -> int:
         if self.resettable:
             return _status_kb("VmHWM") or 0
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
@@ -193,10 +217,10 @@ class CpuPeak:
         allocator.exact_peak_start()
         if self.resettable:
             _reset_hwm()
-        self.base_kb = self._read_kb()
+        self.base_kb = _status_kb("VmRSS") or 0
 
     def stop(self) -> int:
-        peak = max(0, self._read_kb() - self.base_kb) * 1024
+        peak = max(0, self._peak_kb() - self.base_kb) * 1024
         allocator.exact_peak_stop()
         return peak
 
@@ -219,7 +243,8 @@ class CudaPeak:
 
 
 def peak_meter(device):
-    return CudaPeak(device) if torch.device(device).type == "cuda" else CpuPeak()
+    """The meter of the headline peak: live tensor bytes on either device."""
+    return CudaPeak(device) if torch.device(device).type == "cuda" else TensorPeak()
 
 
 # --- FLOPs ------------------------------------------------------------------------------------

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import importlib
-import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +20,9 @@ from omegaconf import OmegaConf
 import variants
 
 from . import allocator
-from .config import ENTRY_AXES, GRID_OPTIONS, PASSES
+from .config import ENTRY_AXES, GRID_OPTIONS
 from .measure import DTYPES
+from .schema import PASSES
 
 
 class ConfigError(ValueError):
@@ -47,27 +46,57 @@ class Plan:
     budget_bytes: int | None
     dtypes: list[str] = field(default_factory=list)
     matmul_size: int | None = None
-    allocator: str | None = None  # the malloc library the CPU worker preloads (None: system)
-    slowdown: dict = field(default_factory=dict)  # variant -> injected factor (inject_slowdown)
+    allocator: str = "cached"  # the CPU worker's malloc setting (harness/allocator.py)
+    # selector -> injected factor (inject_slowdown): "variant" or "variant@part" (also
+    # "variant-part", which Hydra's dotted overrides accept), part one of SLOWDOWN_PARTS
+    # ("local@fwd_bwd": only local's fwd_bwd cells)
+    slowdown: dict = field(default_factory=dict)
+
+    def slowdown_of(self, cell: dict) -> float:
+        """The injected factor of a cell: the product of every selector that matches it."""
+        factor = 1.0
+        for selector, f in self.slowdown.items():
+            name, part = split_selector(selector)
+            if name == cell["variant"] and (not part or part in cell_parts(cell)):
+                factor *= f
+        return factor
+
+
+SLOWDOWN_PARTS = ("fwd", "fwd_bwd", "decode", "causal", "noncausal")
+
+
+def split_selector(selector: str) -> tuple[str, str]:
+    """``local@fwd_bwd`` or ``local-fwd_bwd`` -> (local, fwd_bwd); ``local`` -> (local, "")."""
+    for sep in ("@", "-"):
+        if sep in selector:
+            name, _, part = selector.partition(sep)
+            return name, part
+    return selector, ""
+
+
+def cell_parts(cell: dict) -> set[str]:
+    return {cell["pass"], "causal" if cell["causal"] else "noncausal"}
 
 
 def check(cfg) -> Plan:
+    _check_keys(cfg)
     sweep = cfg.sweep
     _check_grid(sweep)
     device = _check_device(cfg.device.name)
     for name in sweep.dtypes:
         _check_dtype(name, device)
     threads = _check_threads(cfg.device.threads)
-    malloc = _check_allocator(cfg.device.get("allocator", "system"), device)
+    malloc = _check_allocator(cfg.device.get("allocator", "cached"), device)
     entries = _entries(cfg)
     for entry in entries:
+        _check_heads(entry)
         _check_builds(entry, sweep)
     if cfg.resume:
         _check_resume(cfg)
     else:
         _check_fresh(cfg)
     if cfg.task:
-        _check_task(cfg.task)
+        _check_task(cfg)
     budget = _budget(sweep.memory_budget_mb, device)
     dtypes = [str(d) for d in sweep.dtypes]
     slowdown = _check_slowdown(cfg.get("inject_slowdown") or {}, entries)
@@ -75,8 +104,26 @@ def check(cfg) -> Plan:
     return Plan(entries, device, threads, budget, dtypes, matmul_size, malloc, slowdown)
 
 
+# --- the keys ---------------------------------------------------------------------------------
+def _check_keys(cfg) -> None:
+    """A top-level key the schema does not have (``+no_such_key=1`` slips past Hydra's typing)
+    is a typo, not a setting to ignore."""
+    from .config import make_config_class
+
+    known = {f.name for f in dataclasses.fields(make_config_class())}
+    unknown = sorted(set(cfg.keys()) - known - {"hydra"})
+    if unknown:
+        valid = ", ".join(sorted(known - {"defaults", "hydra"}))
+        raise ConfigError(
+            f"unknown key {unknown[0]!r}; the top-level keys are: {valid} "
+            "(python -m harness --help lists every key)"
+        )
+
+
 # --- the grid ---------------------------------------------------------------------------------
 def _check_grid(sweep) -> None:
+    if sweep.get("kind", "speed") not in ("speed", "train_step"):
+        raise ConfigError(f"sweep.kind must be speed or train_step, not {sweep.kind!r}")
     if sweep.get("order", "variant") not in ("variant", "shape"):
         raise ConfigError(f"sweep.order must be variant or shape, not {sweep.order!r}")
     if int(sweep.get("rounds", 1)) < 1:
@@ -103,6 +150,8 @@ def _check_axes(axes: dict, prefix: str) -> None:
             continue
         if key == "causal":
             continue
+        if key == "kv_heads":
+            values = [v for v in values if v is not None]
         bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 1]
         if bad:
             raise ConfigError(f"{prefix}{key} must be positive integers; got {bad[0]!r}")
@@ -143,24 +192,30 @@ def _check_dtype(name: str, device: str) -> None:
 def _check_slowdown(slowdown, entries) -> dict:
     swept = {e.name for e in entries}
     out = {}
-    for name, factor in dict(slowdown).items():
+    for selector, factor in dict(slowdown).items():
+        name, part = split_selector(selector)
         if name not in swept:
             raise ConfigError(
                 f"inject_slowdown.{name}: not a variant of this sweep ({', '.join(sorted(swept))})"
             )
+        if part and part not in SLOWDOWN_PARTS:
+            raise ConfigError(
+                f"inject_slowdown: {selector!r}: after @ give one of {', '.join(SLOWDOWN_PARTS)}"
+            )
         if not factor >= 1.0:
             raise ConfigError(f"inject_slowdown.{name}={factor}: a factor must be >= 1")
-        out[name] = float(factor)
+        out[selector] = float(factor)
     return out
 
 
-def _check_allocator(name: str, device: str) -> str | None:
-    if name in ("system", None) or torch.device(device).type != "cpu":  # CUDA: its own cache
-        return None
+def _check_allocator(name: str, device: str) -> str:
+    if torch.device(device).type != "cpu":  # CUDA: its own caching allocator
+        return "cached"
     try:
-        return allocator.library(name)
+        allocator.library(name)  # a library that is not there, or an unknown name
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    return name
 
 
 def _check_threads(threads) -> int:
@@ -184,7 +239,10 @@ def _budget(budget_mb, device: str) -> int | None:
 
 # --- the variants -----------------------------------------------------------------------------
 def _expand(patterns, exclude, where: str = "sweep.variants") -> list[str]:
-    """Names and fnmatch patterns ("all" = every registered variant) to registered names."""
+    """Names and fnmatch patterns ("all" = every registered variant) to registered names.
+
+    ``exclude`` thins out what a pattern matched; a variant named explicitly is always kept
+    (``sweep.variants=[local,flex_local]`` runs flex_local although a preset excludes flex_*)."""
     available = variants.available()
     names: list[str] = []
     for pattern in patterns:
@@ -193,8 +251,12 @@ def _expand(patterns, exclude, where: str = "sweep.variants") -> list[str]:
             raise ConfigError(
                 f"unknown variant {pattern!r} in {where}; available: {', '.join(available)}"
             )
-        names += [n for n in matched if n not in names]
-    return [n for n in names if not any(fnmatch.fnmatch(n, x) for x in exclude)]
+        if pattern != "all" and not any(c in pattern for c in "*?["):
+            names += [n for n in matched if n not in names]  # named: never excluded
+            continue
+        kept = [n for n in matched if not any(fnmatch.fnmatch(n, x) for x in exclude)]
+        names += [n for n in kept if n not in names]
+    return names
 
 
 def variant_options(cfg, name: str) -> dict:
@@ -225,6 +287,17 @@ def _entries(cfg) -> list[Entry]:
 
 def _plain(values) -> list:
     return list(OmegaConf.to_container(values)) if OmegaConf.is_config(values) else list(values)
+
+
+def _check_heads(entry: Entry) -> None:
+    for kv in entry.axes["kv_heads"]:
+        for heads in entry.axes["num_heads"]:
+            if kv is not None and heads % kv:
+                raise ConfigError(
+                    f"num_heads={heads} is not a multiple of kv_heads={kv} (variant "
+                    f"{entry.name}): each key/value head serves num_heads / kv_heads query "
+                    "heads; choose sweep.kv_heads among the divisors of every sweep.num_heads"
+                )
 
 
 def _check_builds(entry: Entry, sweep) -> None:
@@ -261,12 +334,18 @@ def _check_fresh(cfg) -> None:
         )
 
 
-def _check_task(task: str) -> None:
-    if importlib.util.find_spec("harness.tasks") is None:
-        raise ConfigError(f"task={task}: the accuracy tasks (harness/tasks) are not installed")
-    tasks = importlib.import_module("harness.tasks")
-    if not hasattr(tasks, "run_task"):
-        raise ConfigError(f"task={task}: harness.tasks has no run_task yet")
-    known = getattr(tasks, "TASKS", None)
-    if known is not None and task not in known:
-        raise ConfigError(f"unknown task {task!r}; available: {', '.join(sorted(known))}")
+def _check_task(cfg) -> None:
+    from .config import CONF_DIR
+    from .tasks.run import TASKS
+
+    name = cfg.task.name
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
+    if not (CONF_DIR / "task" / name / f"{cfg.preset}.yaml").is_file():
+        presets = sorted(p.stem for p in (CONF_DIR / "task" / name).glob("*.yaml"))
+        raise ConfigError(
+            f"task {name} has no preset {cfg.preset!r} (conf/task/{name}/); use preset= one of "
+            f"{', '.join(presets)}"
+        )
+    if not cfg.sweep.seeds:
+        raise ConfigError("sweep.seeds is empty; give at least one training seed")

@@ -42,13 +42,13 @@ def worker_main(conn, threads: int) -> None:
     import torch
 
     from . import cell  # noqa: F401  (imports the variants before the first cell)
-    from .measure import CpuPeak, count_flops
+    from .measure import RssPeak, count_flops
 
     torch.set_num_threads(threads)
     # FlopCounterMode's first use loads ~70 MB of lazy imports: not a cell's peak memory.
     count_flops(lambda: torch.ones(4, 4) @ torch.ones(4, 4))
     gc.freeze()  # the imports' objects never die: keep them out of each cell's gc.collect()
-    hello = {"ready": True, "resettable": CpuPeak().resettable, "allocator": allocator.in_use()}
+    hello = {"ready": True, "resettable": RssPeak().resettable, "allocator": allocator.in_use()}
     conn.send(hello)
     while True:
         try:
@@ -60,19 +60,40 @@ def worker_main(conn, threads: int) -> None:
         conn.send(_handle(job))
 
 
+# What a worker can be asked to do: job["kind"] -> "module:function" taking the job dict.
+JOBS = {
+    "speed": "harness.cell:measure_cell",
+    "matmul_peak": "harness.worker:_matmul_peak",
+    "train_step": "harness.train_step:measure_step",
+    "task": "harness.tasks.run:train_job",
+    "patterns": "harness.patterns:patterns_job",
+}
+
+
 def _handle(job: dict) -> dict:
+    import importlib
+
     from . import cell
 
     try:
-        if job.get("kind") == "matmul_peak":
-            return _matmul_peak(job)
+        _use_device(job.get("device", "cpu"))
         _ensure_registered(job)
-        return cell.measure_cell(job)
+        module, function = JOBS[job.get("kind", "speed")].split(":")
+        return getattr(importlib.import_module(module), function)(job)
     except Exception as e:
         return cell.failure(e)
     finally:
         gc.collect()
         _empty_cuda_cache()
+
+
+def _use_device(device: str) -> None:
+    """``cuda:N``: make N the current device, so that the Timer's synchronisation and every
+    allocation without an explicit device go to the GPU being measured."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))
 
 
 def _matmul_peak(job: dict) -> dict:
@@ -123,11 +144,11 @@ def _environment(env: dict):
 class Worker:
     """Runs jobs in a spawned process; starts it lazily and replaces it after a kill or crash."""
 
-    def __init__(self, threads: int, device: str = "cpu", malloc: str | None = None):
+    def __init__(self, threads: int, device: str = "cpu", malloc: str | None = "cached"):
         self.threads = threads
         self.device = device
-        self.env = allocator.worker_env(malloc)
-        self.allocator = "system"  # what the started worker reports it runs on
+        self.env = allocator.worker_env(malloc) if device == "cpu" else {}
+        self.allocator = malloc or "cached"  # what the started worker reports it runs on
         self.ctx = mp.get_context("spawn")  # CUDA cannot be forked; spawn is the same everywhere
         self.proc = None
         self.conn = None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import importlib
 import io
 import json
@@ -126,37 +125,29 @@ def cmd_task(args) -> int:
 
 
 def cap_training(cfg, budget_s: float, started: float, reserve_s: float) -> dict | None:
-    """Replace the task preset's training config by a time-capped one; returns what changed."""
+    """Cap the task's training time so that every variant and seed fits the budget; returns
+    what changed (recorded in meta.json)."""
     from harness.validate import check
 
-    try:
-        from harness.tasks import presets
-        from harness.tasks import run as task_run
-    except ImportError as e:
-        print(f"accuracy: harness.tasks not importable ({e}); running uncapped")
-        return None
-    variants = {entry.name for entry in check(cfg).entries}  # refuses bad input, as run() does
-    spec = presets.get(cfg.task, cfg.preset)
-    task_run.dataset(cfg.task, cfg.preset, spec.train.seed)  # generated once, cached
-    data_s = time.perf_counter() - started
-    cap = max(5.0, (budget_s - data_s - reserve_s) / len(variants))
-    eval_every = min(spec.train.eval_every, 100)  # the cap is checked at validations only
-    train = dataclasses.replace(spec.train, max_train_s=cap, eval_every=eval_every)
-    presets.PRESETS[cfg.preset][cfg.task] = dataclasses.replace(spec, train=train)
+    jobs = len(check(cfg).entries) * len(cfg.sweep.seeds)  # refuses bad input, as run() does
+    spent = time.perf_counter() - started
+    cap = max(5.0, (budget_s - spent - reserve_s) / jobs)
+    train = cfg.task.train
+    eval_every = min(train.eval_every, 100)  # the cap is checked at validations only
     capped = {
         "max_train_s": round(cap, 1),
         "eval_every": eval_every,
-        "preset_eval_every": spec.train.eval_every,
-        "data_s": round(data_s, 1),
+        "preset_eval_every": train.eval_every,
         "budget_s": budget_s,
     }
-    print(f"accuracy: data in {data_s:.1f} s; training capped at {cap:.0f} s per variant")
+    train.max_train_s, train.eval_every = cap, eval_every
+    print(f"accuracy: training capped at {cap:.0f} s per variant and seed")
     return capped
 
 
 # --- the summary ------------------------------------------------------------------------------
 def cmd_summary(args) -> int:
-    from harness.report.load import load
+    from harness.results import load
 
     runs, rows = load([args.results])
     wall = time.time() - args.started if args.started else None

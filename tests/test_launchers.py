@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 import harness.config as hconfig
 from harness.report import render
-from harness.report.load import load
+from harness.results import load
 
 ROOT = hconfig.CONF_DIR.parent
 

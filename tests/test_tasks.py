@@ -3,33 +3,24 @@ encoder's use of the registry, the trainer, approximation error, and run_task's 
 
 from __future__ import annotations
 
-import json
-import math
 import statistics
 from collections import deque
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+import harness.config as hconfig
 import variants
-from harness.schema import ACCURACY, APPROX
-from harness.tasks import (
-    PRESETS,
-    TASKS,
-    approx,
-    chance_level,
-    listops,
-    majority_baseline,
-    mqar,
-    pathfinder,
-    presets,
-    row_key,
-    run_task,
-)
+from harness import results
+from harness.sweep import compose_config, run
+from harness.tasks import TASKS, approx, chance_level, listops, majority_baseline, mqar, pathfinder
 from harness.tasks.common import IGNORE
 from harness.tasks.model import Encoder, ModelConfig
 from harness.tasks.run import task_shape
 from harness.tasks.train import TrainConfig, lr_factor, train
+
+PRESETS = sorted(p.stem for p in (hconfig.CONF_DIR / "preset").glob("*.yaml"))
 
 # --- ListOps -------------------------------------------------------------------------------
 LISTOPS = {"min_len": 20, "max_len": 80, "max_depth": 4, "max_args": 5}
@@ -191,15 +182,31 @@ def test_generators_are_deterministic_per_seed_and_split(gen, cfg):
     assert not torch.equal(a[0], gen("train", 16, 8, **cfg)[0])
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+def task_config(task: str, preset: str, *more: str):
+    return compose_config([f"task={task}", f"preset={preset}", *more])
+
+
+@pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("task", TASKS)
 def test_every_preset_generates_and_builds(task, preset):
-    spec = presets.get(task, preset)
-    tokens, labels = GENERATORS[TASKS.index(task)][0]("val", 2, 0, **spec.data)
-    shape = task_shape(task, spec.data)
+    cfg = task_config(task, preset)
+    spec = OmegaConf.to_container(cfg.task)
+    assert cfg.task.name == task and cfg.preset == preset and spec["data"] and spec["sizes"]
+    tokens, labels = GENERATORS[TASKS.index(task)][0]("val", 2, 0, **spec["data"])
+    shape = task_shape(task, spec["data"])
     assert tokens.shape == (2, shape["seq_len"]) and int(tokens.max()) < shape["vocab_size"]
     assert int(labels.max()) < shape["num_classes"]
-    ModelConfig(**shape, **spec.model)  # the sizes are a valid model
+    ModelConfig(**shape, **spec["model"])  # the sizes are a valid model
+    TrainConfig(**spec["train"])
+
+
+def test_task_configs_are_ordinary_overridable_settings():
+    cfg = task_config("mqar", "cpu", "task.train.max_steps=500", "task.data.seq_len=128")
+    assert cfg.task.train.max_steps == 500 and cfg.task.data.seq_len == 128
+    assert cfg.variant.local.window == 8  # the preset scales the window to its 64 tokens
+    explicit = task_config("mqar", "cpu", "variant.local.window=128")  # equal to the default
+    assert explicit.variant.local.window == 128  # and still wins: nothing thrown away
+    assert compose_config([]).task is None  # a speed sweep has no task
 
 
 # --- model and training ---------------------------------------------------------------------
@@ -261,34 +268,56 @@ def test_train_learns_keeps_the_best_and_writes_a_checkpoint(tmp_path):
 
 
 # --- approximation error --------------------------------------------------------------------
-def test_approx_error_of_exact_variants_is_rounding():
+def test_approx_error_of_exact_attention_is_rounding():
     q, k, v = approx.random_qkv(96, heads=2, head_dim=8)
-    assert approx.approx_error("full", {"chunk_size": 16}, q, k, v) < 1e-5
-    assert approx.approx_error("sdpa", {}, q, k, v) < 1e-5
+    chunked = variants.build("full", chunk_size=16)
+    assert approx.error_of(chunked, q, k, v) < 1e-5
+    assert approx.error_of(variants.build("sdpa"), q, k, v) < 1e-5
     with pytest.raises(variants.Unsupported):
-        approx.approx_error("xformers", {}, q, k, v)  # no CPU kernels
+        approx.error_of(variants.build("xformers"), q, k, v)  # no CPU kernels
+    local = variants.build("local", window=4)
+    assert approx.error_of(local, q, k, v) > 0.05  # a narrow window drops most of the mass
 
 
 def test_capture_qkv_reads_the_first_layer():
     model = Encoder(tiny_config(), "full")
     q, k, v = approx.capture_qkv(model, torch.randint(12, (3, 32)))
     assert q.shape == k.shape == v.shape == (3, 2, 32, 8)
-    assert approx.approx_error("full", {"chunk_size": 8}, q, k, v) < 1e-5
+    assert approx.error_of(variants.build("full", chunk_size=8), q, k, v) < 1e-5
 
 
-# --- run_task ---------------------------------------------------------------------------------
+def test_random_rows_only_for_variants_without_learned_parameters():
+    assert approx.random_rows("linformer", {"proj_len": 16}, [64], 2, 8) == []  # learned E, F
+    assert approx.random_rows("full", {}, [64], 2, 8) == []  # exact: no row at all
+    (row,) = approx.random_rows("local", {"window": 8}, [64], 2, 8)
+    assert row["input"] == "random" and row["status"] == "ok" and row["approx_error"] > 0
+
+
+def test_trained_rows_use_the_trained_module_itself():
+    model = Encoder(tiny_config(), "linformer", {"proj_len": 8})
+    with torch.no_grad():
+        model.attentions[0].E.mul_(0.0).add_(1.0 / 8)  # a trained value a fresh build lacks
+    (row,) = approx.trained_rows(model, torch.randint(12, (4, 32)), "linformer", {"proj_len": 8})
+    q, k, v = approx.capture_qkv(model, torch.randint(12, (4, 32)))
+    fresh = variants.build("linformer", proj_len=8, seq_len=32, num_heads=2, head_dim=8)
+    assert row["approx_error"] != pytest.approx(approx.error_of(fresh, q, k, v))
+
+
+# --- run_task -----------------------------------------------------------------------------------
+class Never(variants.Attention):
+    def unsupported(self, **case):
+        return ["test-only variant that runs nothing"]
+
+
+class Broken(variants.Attention):
+    def attend(self, q, k, v, causal):
+        raise RuntimeError("deliberately broken")
+
+
 @pytest.fixture
 def test_variants():
-    """Two test-only variants: one that declares it cannot run, one that breaks when called."""
+    """Two test-only variants (module level: the worker registers them from the job)."""
     from variants import registry
-
-    class Never(variants.Attention):
-        def unsupported(self, **case):
-            return ["test-only variant that runs nothing"]
-
-    class Broken(variants.Attention):
-        def attend(self, q, k, v, causal):
-            raise RuntimeError("deliberately broken")
 
     variants.register("_test_never")(Never)
     variants.register("_test_broken")(Broken)
@@ -297,46 +326,70 @@ def test_variants():
         registry._REGISTRY.pop(name, None)
 
 
-def test_run_task_ci_rows(test_variants):
-    names = ["full", "xformers", *test_variants]
-    rows = list(run_task("mqar", "ci", names, {"full": {}}, device="cpu"))
-    acc = [r for r in rows if r["kind"] == "accuracy"]
-    assert [r["variant"] for r in acc] == names
-    for r in acc:
-        assert set(ACCURACY) <= set(r)
-        json.loads(r["options"])
-    full, xf, never, broken = acc
-    assert full["status"] == "ok" and 0 <= full["accuracy"] <= 1 and full["steps"] > 0
-    assert full["params"] > 0 and full["train_s"] > 0 and full["seq_len"] == 64
-    assert xf["status"] == "unsupported" and "CUDA" in xf["reason"]
-    assert never["status"] == "unsupported" and "test-only" in never["reason"]
-    assert broken["status"] == "error" and "deliberately broken" in broken["reason"]
-
-    appr = [r for r in rows if r["kind"] == "approx"]
-    assert {r["variant"] for r in appr} == set(names) - {"full"}
-    assert {r["input"] for r in appr} == {"random", "trained"}
-    for r in appr:
-        assert set(APPROX) <= set(r)
-    assert {r["status"] for r in appr if r["variant"] == "xformers"} == {"unsupported"}
-    assert {r["status"] for r in appr if r["variant"] == "_test_broken"} == {"error"}
-
-    # a resumed run skips what is done, and approx rows still come when full was not rerun
-    done = {row_key(r) for r in rows if r["variant"] != "xformers"}
-    again = list(run_task("mqar", "ci", names, {}, device="cpu", done=done))
-    assert [(r["kind"], r["variant"]) for r in again] == [("accuracy", "xformers")] + [
-        ("approx", "xformers")
-    ] * 2
+def by_kind(run_dir) -> dict:
+    rows = results.ResultsFile(run_dir / "results.csv").rows()
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r["kind"], []).append(r)
+    return out
 
 
-def test_run_task_approx_rows_finite_for_a_twin():
-    rows = list(run_task("listops", "ci", ["sdpa"], {}, device="cpu"))
-    assert rows[0]["kind"] == "accuracy" and rows[0]["status"] == "ok"
-    appr = [r for r in rows if r["kind"] == "approx"]
-    assert len(appr) == 2 and all(math.isfinite(r["approx_error"]) for r in appr)
-    assert all(r["approx_error"] < 1e-5 for r in appr)  # sdpa is exact attention
+@pytest.mark.slow
+def test_run_task_ci_rows_seeds_and_resume(tmp_path, test_variants):
+    names = ["full", "local", "xformers", *test_variants]
+    cfg = task_config(
+        "listops", "ci", f"sweep.variants=[{','.join(names)}]", "sweep.seeds=[0,1]",
+        f"results_dir={tmp_path}", "run_id=t", "report=false",
+    )  # fmt: skip
+    run_dir = run(cfg)
+    rows = by_kind(run_dir)
+    acc = {(r["variant"], r["seed"]): r for r in rows["accuracy"]}
+    assert set(acc) == {(n, s) for n in names for s in "01"}  # exactly the variants it is told
+    full = acc[("full", "0")]
+    assert full["status"] == "ok" and 0 <= float(full["accuracy"]) <= 1
+    assert full["stopped"] in ("target", "patience", "max_steps", "time")
+    assert int(full["best_step"]) <= int(full["steps"]) and full["val_accuracy"]
+    assert acc[("full", "0")]["accuracy"] != acc[("full", "1")]["accuracy"] or (
+        acc[("full", "0")]["train_s"] != acc[("full", "1")]["train_s"]
+    )  # two training runs
+    assert acc[("xformers", "0")]["status"] == "unsupported"
+    assert acc[("_test_never", "0")]["status"] == "unsupported"
+    assert acc[("_test_broken", "1")]["status"] == "error"
+    assert "deliberately broken" in acc[("_test_broken", "1")]["reason"]
+    appr = {(r["variant"], r["input"], r["seed"]) for r in rows["approx"]}
+    assert ("local", "trained", "0") in appr and ("local", "trained", "1") in appr
+    assert ("local", "random", "0") in appr and not any(v == "full" for v, _, _ in appr)
+    steps = {r["variant"]: r for r in rows["train_step"] if r["status"] == "ok"}
+    assert steps["local"]["options"] == acc[("local", "0")]["options"]  # the trained options
+    before = (run_dir / "results.csv").read_text()
+    run(task_config("listops", "ci", f"results_dir={tmp_path}", "resume=t", "report=false"))
+    assert (run_dir / "results.csv").read_text() == before  # a finished run: nothing added
+
+
+@pytest.mark.slow
+def test_the_ci_task_learns(tmp_path):
+    """CI must fail when training breaks: on the ci MQAR task full reaches 90% in seconds."""
+    cfg = task_config(
+        "mqar", "ci", "sweep.variants=[full]", f"results_dir={tmp_path}", "run_id=l",
+        "report=false",
+    )  # fmt: skip
+    (row,) = by_kind(run(cfg))["accuracy"]
+    assert row["status"] == "ok", row["reason"]
+    assert float(row["accuracy"]) >= 0.9, row
+    assert float(row["train_s"]) < 60
+
+
+def test_a_task_failure_is_a_row_not_a_crash(tmp_path):
+    cfg = task_config(
+        "mqar", "ci", "sweep.variants=[full]", "task.timeout_s=0.5", f"results_dir={tmp_path}",
+        "run_id=o", "report=false",
+    )  # fmt: skip
+    (row,) = by_kind(run(cfg))["accuracy"]
+    assert row["status"] == "timeout" and "0.5 s" in row["reason"]
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_baselines(task):
-    m, c = majority_baseline(task, "ci"), chance_level(task, "ci")
+    spec = OmegaConf.to_container(task_config(task, "ci").task)
+    m, c = majority_baseline(spec), chance_level(spec)
     assert 0 < c <= m <= 1

@@ -150,8 +150,10 @@ class Attention(nn.Module):
         raise NotImplementedError
 
     # --- decoding -----------------------------------------------------------------------------
-    def prefill(self, q, k, v):
-        """Causal attention over a prompt, and the state to continue from: ``(out, cache)``."""
+    def prefill(self, q, k, v, *, output: bool = True):
+        """Causal attention over a prompt, and the state to continue from: ``(out, cache)``.
+        ``output=False`` builds the state only and returns ``(None, cache)``: a long context is
+        then cheap to set up (the harness's decode pass times the steps after it)."""
         raise Unsupported(f"{self.name}: " + "; ".join(self.decode_unsupported(device=q.device)))
 
     def decode(self, q_t, k_t, v_t, cache):

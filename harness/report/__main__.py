@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", default="sdpa", help="variant speedups are relative to")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="parent folder")
     parser.add_argument(
-        "--no-patterns", action="store_true", help="skip the attention patterns (runs variants)"
+        "--no-patterns", action="store_true", help="leave out the recorded attention patterns"
     )
     args = parser.parse_args(argv)
     missing = [str(p) for p in args.results_dirs if not p.exists()]

@@ -1,115 +1,82 @@
-"""Which keys each query sees, found from the code of every registered variant.
+"""Attention patterns as the run recorded them (``<run_dir>/patterns.json``); nothing is
+computed here, so a page rebuilt from old results shows what that code did.
 
-No variant is asked to describe itself: query i sees key j iff out_i depends on v_j, read from
-autograd (d out_i / d v_j nonzero) on a small random input. A variant with no backward on this
-device is probed forward only instead: each v_j perturbed in its own batch element.
+The format (version 1)::
+
+    {"format": 1, "n": 64, "head_dim": 16, "dtype": "float64",
+     "method": "autograd: (i, j) visible iff d out_i / d v_j != 0 on a random input",
+     "patterns": [
+        {"variant": "local", "options": {"window": 8}, "causal": false,
+         "method": "autograd",             # or "perturbation" (no backward on the device)
+         "visible": ["1110...", ...],      # n rows (queries) of n characters (keys): 1 = sees
+         "note": ""},                      # why not drawn, when "visible" is null
+        ...]}
+
+``visible`` may also be a list of n lists of 0/1.
 """
 
 from __future__ import annotations
 
-import warnings
+import json
 from dataclasses import dataclass
 
 import numpy as np
-import torch
+import pandas as pd
 
-N, D = 64, 16  # small enough to draw one cell per (query, key) pair
-# Small option values so that a window, block, bucket or projection shows inside n = 64;
-# only the options a variant has are passed (flex twins inherit their twin's options).
-SMALL_OPTIONS = {
-    "seq_len": N, "num_heads": 1, "head_dim": D, "window": 8, "block_size": 8,
-    "bucket_size": 8, "proj_len": 16, "compile": False,
-}  # fmt: skip
+from .load import variant_labels
 
 
 @dataclass
 class Pattern:
     variant: str
+    options: dict
     causal: bool
-    visible: np.ndarray | None  # (N, N) bool: [query, key]; None when not computed
+    visible: np.ndarray | None  # (n, n) bool: [query, key]; None when the run could not draw it
     method: str = ""
-    dtype: str = ""
-    note: str = ""  # why it was not computed
+    note: str = ""
+    label: str = ""  # the variant, with the options that tell its entries apart
 
 
-def attention_patterns(names: list[str] | None = None) -> list[Pattern]:
-    import variants  # heavy (torch, xformers): only when a report asks for patterns
+def patterns_of(doc: dict) -> list[Pattern]:
+    """The patterns of one patterns.json; an entry that cannot be decoded is kept, not drawn,
+    with the reason."""
+    pats = [_pattern(entry, int(doc.get("n") or 0)) for entry in doc.get("patterns") or []]
+    options = [json.dumps(p.options, sort_keys=True, default=str) for p in pats]
+    named = pd.DataFrame({"kind": "pattern", "task": "", "variant": [p.variant for p in pats],
+                          "options": options})  # fmt: skip
+    for p, label in zip(pats, variant_labels(named), strict=True):
+        p.label = label
+    return pats
 
-    names = variants.available() if names is None else names
-    out = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra threads only add spin-waits on a busy machine
+
+def _pattern(entry: dict, n: int) -> Pattern:
+    base = {
+        "variant": str(entry.get("variant", "?")),
+        "options": entry.get("options") or {},
+        "causal": bool(entry.get("causal")),
+        "method": str(entry.get("method", "")),
+        "note": str(entry.get("note", "")),
+    }
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # eager FlexAttention warns that it is unfused
-            for name in names:
-                out += _patterns_of(variants, name)
-    finally:
-        torch.set_num_threads(threads)
+        visible = decode(entry.get("visible"), n)
+    except ValueError as e:
+        return Pattern(**base | {"note": f"unreadable pattern: {e}"}, visible=None)
+    return Pattern(**base, visible=visible)
+
+
+def decode(visible, n: int) -> np.ndarray | None:
+    """Rows of "0"/"1" characters (or of 0/1 numbers) as an (n, n) bool array."""
+    if visible is None:
+        return None
+    rows = [[c == "1" for c in r] if isinstance(r, str) else [bool(x) for x in r] for r in visible]
+    if not rows or any(len(r) != len(rows[0]) for r in rows):
+        raise ValueError("rows of unequal length")
+    out = np.array(rows, dtype=bool)
+    if n and out.shape != (n, n):
+        raise ValueError(f"shape {out.shape}, the file says n = {n}")
     return out
 
 
-def _patterns_of(variants, name: str) -> list[Pattern]:
-    try:
-        options = {k: v for k, v in SMALL_OPTIONS.items() if k in variants.option_names(name)}
-        attn = variants.build(name, **options).eval()
-    except Exception as e:  # a variant that cannot be built is reported, not fatal
-        return [Pattern(name, c, None, note=f"could not build: {e}") for c in (False, True)]
-    return [_pattern(attn, name, causal) for causal in (False, True)]
-
-
-def _pattern(attn, name: str, causal: bool) -> Pattern:
-    reasons = {}
-    for dtype in (torch.float64, torch.float32):  # float64 makes an exact zero unambiguous
-        why = attn.unsupported(device="cpu", dtype=dtype, causal=causal, seq_len=N)
-        if not why:
-            return _measure(attn, name, causal, dtype)
-        reasons[dtype] = why
-    first = next(iter(reasons.values()))
-    return Pattern(name, causal, None, note="unsupported on CPU: " + "; ".join(first))
-
-
-def _measure(attn, name: str, causal: bool, dtype: torch.dtype) -> Pattern:
-    no_backward = getattr(attn, "backward_unsupported", lambda **_: [])(device="cpu")
-    try:
-        if no_backward:
-            return Pattern(
-                name, causal, _by_perturbation(attn, causal, dtype), "perturbation", str(dtype)
-            )
-        return Pattern(name, causal, _by_autograd(attn, causal, dtype), "autograd", str(dtype))
-    except Exception as e:  # shown in the report as a skipped pattern with its reason
-        return Pattern(name, causal, None, note=f"{type(e).__name__}: {e}"[:300])
-
-
-def _inputs(dtype, batch=1):
-    g = torch.Generator().manual_seed(0)
-    return [torch.randn(batch, 1, N, D, generator=g, dtype=dtype) for _ in range(3)]
-
-
-def _by_autograd(attn, causal: bool, dtype) -> np.ndarray:
-    q, k, v = _inputs(dtype)
-    v.requires_grad_(True)
-    out = attn(q, k, v, causal=causal)  # (1, 1, N, D)
-    w = torch.randn(D, generator=torch.Generator().manual_seed(1), dtype=dtype)
-    rows = []
-    for i in range(N):  # a random cotangent: no accidental cancellation across channels
-        (g,) = torch.autograd.grad(out[0, 0, i] @ w, v, retain_graph=True)
-        rows.append(g[0, 0].abs().sum(-1))  # (N,) over keys j
-    return _nonzero(torch.stack(rows), dtype)
-
-
-@torch.no_grad()
-def _by_perturbation(attn, causal: bool, dtype) -> np.ndarray:
-    q, k, v = _inputs(dtype)
-    bq, bk, bv = (t.expand(N + 1, -1, -1, -1).clone() for t in (q, k, v))  # (N+1, 1, N, D)
-    bv[1 + torch.arange(N), 0, torch.arange(N)] += 1.0  # element 1 + j has v_j moved
-    out = attn(bq, bk, bv, causal=causal)
-    diff = (out[1:] - out[:1]).abs().sum(-1)[:, 0]  # (j, i)
-    return _nonzero(diff.T, dtype)
-
-
-def _nonzero(effect: torch.Tensor, dtype) -> np.ndarray:
-    """Visible where the effect is above rounding noise, relative to the row's largest."""
-    tol = 1e-10 if dtype == torch.float64 else 1e-5
-    scale = effect.amax(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-    return (effect > tol * scale).numpy()
+def encode(visible: np.ndarray) -> list[str]:
+    """The inverse of :func:`decode` (what the measuring side writes)."""
+    return ["".join("1" if x else "0" for x in row) for row in np.asarray(visible, dtype=bool)]

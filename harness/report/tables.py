@@ -1,8 +1,9 @@
-"""The numbers behind each report section, as plain DataFrames (also written as CSV).
+"""The kernel-level numbers: speed series and what is fitted on them (also written as CSV).
 
-A speed series is one variant (``label``) in one ``source`` at one ``config`` (dtype, batch,
-heads, head_dim, causal) and one ``pass``, over ``seq_len``; every function below works on
-those series and returns an empty frame, never raises, when the data is not there.
+A series is one variant (``label``) on one ``machine`` at one ``config`` (dtype, batch, heads,
+key/value heads, head_dim, causal) and one ``pass``, over ``seq_len``. The functions take the
+columns that make a group (``GROUP``; decode groups by ``kv`` instead of ``pass``) and return
+an empty frame, never raise, when the data is not there.
 """
 
 from __future__ import annotations
@@ -15,43 +16,60 @@ from scipy import stats
 
 from .load import Run, most_common, samples
 
-SERIES = ["source", "config", "pass", "label"]
-GROUP = ["source", "config", "pass"]
+GROUP = ["machine", "config", "pass"]
+SERIES = GROUP + ["label"]
 FIT_POINTS = 4  # growth exponents fit the largest lengths, where the asymptotic term dominates
+KERNEL_PASSES = ("fwd", "fwd_bwd")
 
 
-def _num(value, fmt="{:g}") -> str:
+def num(value, fmt="{:g}") -> str:
     return "?" if pd.isna(value) else fmt.format(value)
 
 
-def config_label(df: pd.DataFrame) -> pd.Series:
-    """``float32 B1 H8 d64`` (plus `` causal``): what a speed series holds fixed besides n."""
+def short_n(n: float) -> str:
+    """1024 -> 1k, 1536 -> 1536: lengths as a reader says them."""
+    return f"{n / 1024:g}k" if n >= 1024 and n % 1024 == 0 else f"{n:.0f}"
+
+
+def config_label(df: pd.DataFrame, kv: bool = True) -> pd.Series:
+    """``float32 B1 H8 d64`` (``H8/KV2`` with grouped heads, `` causal``): what a series holds
+    fixed besides n. ``kv=False`` leaves the key/value heads out (decode facets by them)."""
     if df.empty:
         return pd.Series([], dtype=str, index=df.index)
+    grouped = df["kv_heads"].notna() & (df["kv_heads"] != df["heads"])
+    kv_text = ("/KV" + df["kv_heads"].map(lambda x: num(x, "{:.0f}"))).where(grouped & kv, "")
     parts = [
         df["dtype"].replace("", "?"),
-        " B" + df["batch"].map(lambda x: _num(x, "{:.0f}")),
-        " H" + df["heads"].map(lambda x: _num(x, "{:.0f}")),
-        " d" + df["head_dim"].map(lambda x: _num(x, "{:.0f}")),
-        df["causal"].map(lambda c: " causal" if c else ""),
+        " B" + df["batch"].map(lambda x: num(x, "{:.0f}")),
+        " H" + df["heads"].map(lambda x: num(x, "{:.0f}")),
+        kv_text,
+        " d" + df["head_dim"].map(lambda x: num(x, "{:.0f}")),
+        df["causal"].map(lambda c: " causal" if c else "").where(df["pass"] != "decode", ""),
     ]
     return parts[0].str.cat(parts[1:])
 
 
+def ok_speed(rows: pd.DataFrame, passes) -> pd.DataFrame:
+    df = rows[(rows["kind"] == "speed") & (rows["status"] == "ok") & rows["pass"].isin(passes)]
+    return df[df["latency_ms"].notna() & (df["latency_ms"] > 0) & df["seq_len"].notna()].copy()
+
+
 def speed_cells(rows: pd.DataFrame) -> pd.DataFrame:
-    """The ok speed rows with their config, IQR band and throughput filled in."""
-    df = rows[(rows["kind"] == "speed") & (rows["status"] == "ok")].copy()
-    df = df[df["latency_ms"].notna() & (df["latency_ms"] > 0) & df["seq_len"].notna()]
+    """The ok fwd and fwd_bwd rows with their config, IQR band and throughput filled in."""
+    df = ok_speed(rows, KERNEL_PASSES)
     df["config"] = config_label(df)
+    df = with_band(df)
+    missing = df["gflops_per_s"].isna()
+    df.loc[missing, "gflops_per_s"] = df["flops"] / (df["latency_ms"] * 1e6)
+    return df.sort_values(SERIES + ["seq_len"]).reset_index(drop=True)
+
+
+def with_band(df: pd.DataFrame) -> pd.DataFrame:
     bands = [
         _band(s, m, i)
         for s, m, i in zip(df["samples_ms"], df["latency_ms"], df["latency_iqr_ms"], strict=True)
     ]
-    df["lat_lo"] = [b[0] for b in bands]
-    df["lat_hi"] = [b[1] for b in bands]
-    missing = df["gflops_per_s"].isna()
-    df.loc[missing, "gflops_per_s"] = df["flops"] / (df["latency_ms"] * 1e6)
-    return df.sort_values(SERIES + ["seq_len"]).reset_index(drop=True)
+    return df.assign(lat_lo=[b[0] for b in bands], lat_hi=[b[1] for b in bands])
 
 
 def _band(text, median, iqr) -> tuple[float, float]:
@@ -64,62 +82,88 @@ def _band(text, median, iqr) -> tuple[float, float]:
     return max(median - half, median * 1e-3), median + half
 
 
-def speedup(cells: pd.DataFrame, reference: str) -> pd.DataFrame:
-    """Reference latency / variant latency on the same source, config, pass and length."""
-    ref = cells[cells["variant"] == reference]
+def main_config(cells: pd.DataFrame) -> str:
+    """The config with the most cells (non-causal first on a tie): the one a summary uses."""
+    if cells.empty:
+        return ""
+    counts = cells.groupby("config").size().reset_index(name="n")
+    counts["causal"] = counts["config"].str.endswith("causal")
+    return counts.sort_values(["n", "causal"], ascending=[False, True]).iloc[0]["config"]
+
+
+def ratio_to(cells: pd.DataFrame, reference: str, col: str, group=GROUP, invert=True):
+    """Each cell's ``col`` against the reference variant's at the same group and length:
+    reference / cell when ``invert`` (a speed-up from times), else cell / reference."""
+    out = series_of(group) + ["variant", "seq_len", col, "ref", "ratio"]
+    ref = cells[(cells["variant"] == reference) & cells[col].notna() & (cells[col] > 0)]
     if cells.empty or ref.empty:
-        return pd.DataFrame(
-            columns=SERIES + ["variant", "seq_len", "latency_ms", "ref_ms", "speedup"]
-        )
-    ref = ref.groupby(GROUP + ["seq_len"], as_index=False)["latency_ms"].min()
-    df = cells.merge(ref.rename(columns={"latency_ms": "ref_ms"}), on=GROUP + ["seq_len"])
-    df["speedup"] = df["ref_ms"] / df["latency_ms"]
-    return df[SERIES + ["variant", "seq_len", "latency_ms", "ref_ms", "speedup"]]
+        return pd.DataFrame(columns=out)
+    ref = ref.groupby(group + ["seq_len"], as_index=False)[col].min()
+    df = cells.merge(ref.rename(columns={col: "ref"}), on=group + ["seq_len"])
+    df["ratio"] = df["ref"] / df[col] if invert else df[col] / df["ref"]
+    return df[out]
 
 
-def exponents(cells: pd.DataFrame, fit_points: int = FIT_POINTS) -> pd.DataFrame:
-    """Slope of log(time) and log(memory) against log(n) over the largest ``fit_points``
-    lengths, with its standard error (scipy's linregress)."""
+def series_of(group) -> list[str]:
+    return list(group) + ["label"]
+
+
+def speedup(cells: pd.DataFrame, reference: str, group=GROUP) -> pd.DataFrame:
+    """Reference latency / variant latency on the same group and length."""
+    sp = ratio_to(cells, reference, "latency_ms", group)
+    return sp.rename(columns={"ref": "ref_ms", "ratio": "speedup"})
+
+
+def exponents(cells: pd.DataFrame, metrics, group=GROUP, fit_points=FIT_POINTS):
+    """Slope of log(metric) against log(n) over the largest ``fit_points`` lengths of each
+    series, with its standard error (scipy's linregress). ``metrics``: (name, column)."""
+    series = series_of(group)
     out = []
-    metrics = (("time", "latency_ms"), ("memory", "peak_mem_mb"))
-    for key, series in cells.groupby(SERIES, sort=True):
+    for key, s in cells.groupby(series, sort=True):
         for metric, col in metrics:
-            out.append(
-                dict(zip(SERIES, key, strict=True))
-                | {"metric": metric}
-                | _fit(series, col, fit_points)
-            )
-    cols = SERIES + ["metric", "exponent", "stderr", "r2", "points", "fit_range", "note"]
+            base = dict(zip(series, key, strict=True)) | {"metric": metric}
+            out.append(base | fit(s, col, fit_points))
+    cols = series + ["metric", "exponent", "stderr", "r2", "points", "fit_range", "note"]
     return pd.DataFrame(out, columns=cols)
 
 
-def _fit(series: pd.DataFrame, col: str, fit_points: int) -> dict:
+def fit(series: pd.DataFrame, col: str, fit_points: int = FIT_POINTS) -> dict:
     pts = series[series[col] > 0].groupby("seq_len")[col].median().sort_index().tail(fit_points)
     res = {"exponent": math.nan, "stderr": math.nan, "r2": math.nan, "points": len(pts)}
     if len(pts):
         res["fit_range"] = f"n = {pts.index[0]:.0f} .. {pts.index[-1]:.0f}"
     if len(pts) < 2:
         return res | {"note": "needs at least 2 lengths with data"}
-    fit = stats.linregress(np.log(pts.index.to_numpy(float)), np.log(pts.to_numpy(float)))
-    res |= {"exponent": fit.slope, "r2": fit.rvalue**2}
+    if np.ptp(np.log(pts.to_numpy(float))) == 0:  # a constant (a bounded state): slope 0 exactly
+        return res | {"exponent": 0.0, "stderr": 0.0, "r2": 1.0, "note": "constant"}
+    fitted = stats.linregress(np.log(pts.index.to_numpy(float)), np.log(pts.to_numpy(float)))
+    res |= {"exponent": fitted.slope, "r2": fitted.rvalue**2}
     if len(pts) < 3:  # two points fit exactly: no residual, no uncertainty
         return res | {"note": "2 lengths: no uncertainty"}
-    return res | {"stderr": fit.stderr, "note": ""}
+    return res | {"stderr": fitted.stderr, "note": ""}
 
 
-def crossovers(cells: pd.DataFrame, reference: str) -> pd.DataFrame:
+def slope_text(exponent, stderr, note="") -> str:
+    if pd.isna(exponent):
+        return note
+    err = "" if pd.isna(stderr) or note == "constant" else f" +/- {stderr:.2f}"
+    return f"{exponent:.2f}".replace("-0.00", "0.00") + err
+
+
+def crossovers(cells: pd.DataFrame, reference: str, group=GROUP) -> pd.DataFrame:
     """Where each variant becomes faster than the reference, interpolated on log-log axes."""
-    sp = speedup(cells, reference)
+    series = series_of(group)
+    sp = speedup(cells, reference, group)
     sp = sp[sp["variant"] != reference]
     out = []
-    for key, s in sp.groupby(SERIES, sort=True):
+    for key, s in sp.groupby(series, sort=True):
         s = s.groupby("seq_len")["speedup"].median().sort_index()
-        n_cross, text = _crossing(s.index.to_numpy(float), np.log(s.to_numpy(float)))
-        out.append(dict(zip(SERIES, key, strict=True)) | {"crossover_n": n_cross, "verdict": text})
-    return pd.DataFrame(out, columns=SERIES + ["crossover_n", "verdict"])
+        n_cross, text = crossing(s.index.to_numpy(float), np.log(s.to_numpy(float)))
+        out.append(dict(zip(series, key, strict=True)) | {"crossover_n": n_cross, "verdict": text})
+    return pd.DataFrame(out, columns=series + ["crossover_n", "verdict"])
 
 
-def _crossing(n: np.ndarray, log_speedup: np.ndarray) -> tuple[float, str]:
+def crossing(n: np.ndarray, log_speedup: np.ndarray) -> tuple[float, str]:
     """``log_speedup`` > 0 means faster than the reference. The crossing reported is the last
     slower-to-faster change, after which the variant stays faster to the largest length."""
     span = f"n = {n[0]:.0f} .. {n[-1]:.0f}"
@@ -134,79 +178,15 @@ def _crossing(n: np.ndarray, log_speedup: np.ndarray) -> tuple[float, str]:
     return n_cross, f"~{n_cross:,.0f} (between {n[i]:.0f} and {n[i + 1]:.0f})"
 
 
-# --- accuracy ---------------------------------------------------------------------------------
-def accuracy(rows: pd.DataFrame) -> pd.DataFrame:
-    """Test accuracy per source, task, length and variant: mean and spread over seeds."""
-    df = rows[(rows["kind"] == "accuracy") & (rows["status"] == "ok") & rows["accuracy"].notna()]
-    cols = ["source", "task", "seq_len", "label", "variant", "dtype"]
-    if df.empty:
-        return pd.DataFrame(columns=cols + ["accuracy", "accuracy_std", "seeds"])
-    scale = 100.0 if df["accuracy"].max() <= 1.0 else 1.0  # fractions shown as percent
-    df = df.assign(accuracy=df["accuracy"] * scale)
-    g = df.groupby(cols, dropna=False)["accuracy"]
-    out = g.agg(accuracy="mean", accuracy_std="std", seeds="count").reset_index()
-    return out
-
-
-def approx(rows: pd.DataFrame) -> pd.DataFrame:
-    """Relative error of each variant's output against ``full`` on the same inputs."""
-    df = rows[(rows["kind"] == "approx") & (rows["status"] == "ok") & rows["approx_error"].notna()]
-    cols = ["source", "label", "input", "seq_len"]
-    if df.empty:
-        return pd.DataFrame(columns=cols + ["approx_error"])
-    return df.groupby(cols, dropna=False)["approx_error"].mean().reset_index()
-
-
-def accuracy_speed(acc: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
-    """Each accuracy point joined with the speed of the same variant at the task's length (or
-    the nearest measured one): fwd_bwd preferred (training runs it), the same dtype preferred."""
-    out = []
-    for _, a in acc.iterrows():
-        match = _speed_for(a, cells)
-        if match is not None:
-            out.append(a.to_dict() | match)
-    cols = list(acc.columns) + [
-        "speed_n",
-        "speed_pass",
-        "speed_config",
-        "latency_ms",
-        "calls_per_s",
-        "peak_mem_mb",
-    ]
-    return pd.DataFrame(out, columns=cols)
-
-
-def _speed_for(a: pd.Series, cells: pd.DataFrame) -> dict | None:
-    c = cells[(cells["source"] == a["source"]) & (cells["label"] == a["label"])]
-    if c.empty:
-        c = cells[(cells["source"] == a["source"]) & (cells["variant"] == a["variant"])]
-    if c.empty:
-        return None
-    c = c[c["pass"] == ("fwd_bwd" if (c["pass"] == "fwd_bwd").any() else c["pass"].iloc[0])]
-    if (c["dtype"] == a["dtype"]).any():
-        c = c[c["dtype"] == a["dtype"]]
-    c = c[c["config"] == most_common(c["config"])]
-    target = a["seq_len"] if pd.notna(a["seq_len"]) else c["seq_len"].max()
-    best = c.iloc[int(np.argmin(np.abs(np.log(c["seq_len"].to_numpy(float) / target))))]
-    return {
-        "speed_n": best["seq_len"],
-        "speed_pass": best["pass"],
-        "speed_config": best["config"],
-        "latency_ms": best["latency_ms"],
-        "calls_per_s": 1000.0 / best["latency_ms"],
-        "peak_mem_mb": best["peak_mem_mb"],
-    }
-
-
-# --- failures, runs, provenance --------------------------------------------------------------
+# --- failures and peaks ---------------------------------------------------------------------------
 def failures(rows: pd.DataFrame) -> pd.DataFrame:
     """Every non-ok row, grouped so that one reason over many lengths is one line."""
     df = rows[rows["status"] != "ok"].copy()
-    cols = ["source", "kind", "label", "task", "pass", "config", "status", "reason"]
+    cols = ["run", "machine", "kind", "label", "task", "pass", "config", "status", "reason"]
     if df.empty:
         return pd.DataFrame(columns=cols + ["seq_lens", "cells"])
     df["config"] = config_label(df).where(df["kind"] == "speed", df["dtype"])
-    df["n"] = df["seq_len"].map(lambda x: _num(x, "{:.0f}"))
+    df["n"] = df["seq_len"].map(lambda x: num(x, "{:.0f}"))
     g = df.groupby(cols, dropna=False, sort=True)
     out = g["n"].agg(lambda ns: " ".join(sorted(set(ns), key=_len_key))).rename("seq_lens")
     return out.to_frame().join(g.size().rename("cells")).reset_index()
@@ -219,70 +199,20 @@ def _len_key(text: str) -> float:
         return math.inf
 
 
-def runs_table(runs: list[Run], rows: pd.DataFrame) -> pd.DataFrame:
-    out = []
-    for run in runs:
-        mine = rows[rows["run_dir"] == str(run.path)]
-        out.append(
-            {
-                "run": run.name,
-                "folder": str(run.path),
-                "sources": ", ".join(sorted(set(mine["source"]))) or "-",
-                "status": run.status,
-                "rows": len(mine),
-                "ok_rows": int((mine["status"] == "ok").sum()),
-                "detail": run.reason,
-            }
-        )
-    return pd.DataFrame(
-        out, columns=["run", "folder", "sources", "status", "rows", "ok_rows", "detail"]
-    )
-
-
-PROVENANCE_FIELDS = ["run_id", "git_commit", "torch_version", "threads", "cpu", "gpu"]
-
-
-def provenance(runs: list[Run], rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: where its numbers came from (rows first, meta.json where rows lack it)."""
-    out = []
-    for run in runs:
-        mine = rows[rows["run_dir"] == str(run.path)]
-        rec = {"run": run.name, "status": run.status}
-        for col in PROVENANCE_FIELDS:
-            vals = sorted({_plain(v) for v in mine[col] if str(v) not in ("", "nan")})
-            rec[col] = ", ".join(vals) or str(run.meta.get(col, "") or "")
-        rec["devices"] = ", ".join(sorted(set(mine["device"]) - {""}))
-        rec["dtypes"] = ", ".join(sorted(set(mine["dtype"]) - {""}))
-        stamps = sorted(str(v) for v in mine["timestamp"] if str(v) not in ("", "nan"))
-        rec["timestamps"] = (
-            f"{stamps[0]} .. {stamps[-1]}" if stamps else str(run.meta.get("timestamp", ""))
-        )
-        rec["matmul_peak_gflops"] = format_peak(run.meta.get("matmul_peak_gflops"))
-        out.append(rec)
-    return pd.DataFrame(out)
-
-
-def _plain(value) -> str:
-    """2.0 -> "2" (numeric columns are read as floats), text unchanged."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
 def matmul_peaks(runs: list[Run], rows: pd.DataFrame) -> list[tuple[str, str, float]]:
-    """(source, what, GFLOP/s) for every measured matmul peak; a dict peak gives one per key."""
+    """(machine, dtype or "", GFLOP/s) for every measured matmul peak (a dict: one per dtype)."""
     out = []
     for run in runs:
-        sources = sorted(set(rows.loc[rows["run_dir"] == str(run.path), "source"]))
-        for what, value in _flat_peak(run.meta.get("matmul_peak_gflops")):
-            for source in sources:
-                out.append((source, what, value))
-    return out
+        machine = most_common(rows.loc[rows["run_dir"] == str(run.path), "machine"])
+        for what, value in flat_peak(run.meta.get("matmul_peak_gflops")):
+            if machine:
+                out.append((machine, what, value))
+    return list(dict.fromkeys(out))
 
 
-def _flat_peak(peak, prefix="") -> list[tuple[str, float]]:
+def flat_peak(peak, prefix="") -> list[tuple[str, float]]:
     if isinstance(peak, dict):
-        return [x for k, v in peak.items() for x in _flat_peak(v, f"{prefix}{k} ")]
+        return [x for k, v in peak.items() for x in flat_peak(v, f"{prefix}{k} ")]
     try:
         value = float(peak)
     except (TypeError, ValueError):
@@ -291,4 +221,17 @@ def _flat_peak(peak, prefix="") -> list[tuple[str, float]]:
 
 
 def format_peak(peak) -> str:
-    return ", ".join(f"{w + ': ' if w else ''}{v:,.1f}" for w, v in _flat_peak(peak)) or "-"
+    return ", ".join(f"{w + ': ' if w else ''}{v:,.1f}" for w, v in flat_peak(peak)) or "-"
+
+
+def exponents_wide(exp: pd.DataFrame, group=("config", "label"), cols=("metric", "pass")):
+    """One row per series: "slope +/- stderr" per metric and pass, with the fit range."""
+    text = [
+        slope_text(e, s, n)
+        for e, s, n in zip(exp["exponent"], exp["stderr"], exp["note"], strict=True)
+    ]
+    df = exp.assign(text=text, col=exp[list(cols)].astype(str).agg(" ".join, axis=1))
+    wide = df.pivot_table(index=list(group), columns="col", values="text", aggfunc="first")
+    wide["fit range"] = df.groupby(list(group))["fit_range"].first()
+    wide.columns.name = None
+    return wide.reset_index()

@@ -1,5 +1,12 @@
-"""Train and evaluate every variant of a sweep on one task: one accuracy row per variant, then
-the approximation-error rows. Failures are rows (unsupported, oom, error), never crashes."""
+"""Train and test variants on one task: one job per (variant, seed) in the measuring worker, so a
+crash, a hang or an out-of-memory costs one row, never the sweep.
+
+``run_task`` (the sweep's side) turns the composed config into jobs and their rows into the
+results table; ``train_job`` (the worker's side) trains one model and returns its rows: the
+accuracy row, the approximation error of its own trained attention on its own inputs, and a
+``train_step`` row: the speed of a training step of that very model and option set, so the
+report can put accuracy beside speed for exactly what was trained.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +14,21 @@ import dataclasses
 import functools
 import json
 from collections import Counter
-from collections.abc import Iterator
 
 import torch
 
 import variants
 
-from . import approx, listops, mqar, pathfinder, presets
+from . import approx, listops, mqar, pathfinder
 from .common import IGNORE
 from .model import Encoder, ModelConfig
 from .train import TrainConfig, train
 
 TASKS = ("listops", "mqar", "pathfinder")
 GENERATORS = {"listops": listops.generate, "mqar": mqar.generate, "pathfinder": pathfinder.generate}
-COMMON = ("seq_len", "num_heads", "head_dim")  # fixed by the task's model, not by the sweep
 
 
+# --- what a task fixes ------------------------------------------------------------------------
 def task_shape(task: str, data: dict) -> dict:
     """The ModelConfig fields the task decides: vocabulary, length, classes and head kind."""
     if task == "listops":
@@ -56,197 +62,155 @@ def task_shape(task: str, data: dict) -> dict:
     raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
 
 
+def model_config(task: dict) -> ModelConfig:
+    return ModelConfig(**task_shape(task["name"], task["data"]), **task["model"])
+
+
+def train_config(task: dict, seed: int) -> TrainConfig:
+    return TrainConfig(**{**task["train"], "seed": seed})
+
+
 @functools.lru_cache(maxsize=6)
-def split_data(task: str, preset: str, split: str, seed: int):
-    """(tokens, labels) of one split, generated once per process and shared by every variant."""
-    spec = presets.get(task, preset)
-    n = dict(zip(("train", "val", "test"), spec.sizes, strict=True))[split]
-    data = spec.data | (spec.train_data if split == "train" else {})
-    return GENERATORS[task](split, n, seed, **data)
+def _split(name: str, data_json: str, size: int, split: str, seed: int):
+    return GENERATORS[name](split, size, seed, **json.loads(data_json))
 
 
-def dataset(task: str, preset: str, seed: int) -> dict:
-    return {s: split_data(task, preset, s, seed) for s in ("train", "val", "test")}
+def split_data(task: dict, split: str):
+    """(tokens, labels) of one split, generated once per process and shared by every variant
+    and training seed (the data seed is the task's, not the training run's)."""
+    size = dict(zip(("train", "val", "test"), task["sizes"], strict=True))[split]
+    data = task["data"] | (task.get("train_data") or {} if split == "train" else {})
+    return _split(task["name"], json.dumps(data, sort_keys=True), size, split, task["data_seed"])
 
 
-def majority_baseline(task: str, preset: str, seed: int = 0) -> float:
+def dataset(task: dict) -> dict:
+    return {s: split_data(task, s) for s in ("train", "val", "test")}
+
+
+def majority_baseline(task: dict) -> float:
     """Test accuracy of always answering the test split's most common label (per MQAR query)."""
-    labels = split_data(task, preset, "test", seed)[1]
+    labels = split_data(task, "test")[1]
     seen = labels[labels != IGNORE].tolist()
     return Counter(seen).most_common(1)[0][1] / len(seen)
 
 
-def chance_level(task: str, preset: str) -> float:
+def chance_level(task: dict) -> float:
     """Accuracy of a uniform guess among the classes a target can take."""
-    spec = presets.get(task, preset)
-    if task == "mqar":
-        return 1 / mqar.MQARConfig(**spec.data).num_values
-    return 1 / task_shape(task, spec.data)["num_classes"]
+    if task["name"] == "mqar":
+        return 1 / mqar.MQARConfig(**task["data"]).num_values
+    return 1 / task_shape(task["name"], task["data"])["num_classes"]
 
 
-def resolve_options(spec: presets.TaskPreset, name: str, given: dict | None) -> dict:
-    """The task's options for ``name`` (only those the variant has), overridden by ``given``.
-
-    The length-tied options (seq_len, num_heads, head_dim) are the model's, so a sweep's value
-    for them is dropped rather than allowed to contradict the model.
-    """
-    known = set(variants.option_names(name)) if name in variants.available() else set()
-    task = {k: v for k, v in spec.options.get(name, {}).items() if k in known}
-    return task | {k: v for k, v in (given or {}).items() if k not in COMMON}
-
-
-def _model_config(task: str, spec: presets.TaskPreset) -> ModelConfig:
-    return ModelConfig(**task_shape(task, spec.data), **spec.model)
-
-
-def _norm(key) -> tuple:
-    """Keys compare as strings: a resumed run reads them back from CSV."""
-    return tuple(str(k) for k in key)
-
-
-def row_key(row: dict) -> tuple:
-    """What identifies a task row in ``done``: (task, variant, seq_len, seed) for accuracy rows,
-    ("approx", task, variant, seq_len, input) for approximation rows."""
-    if row.get("kind") == "approx":
-        return ("approx", row["task"], row["variant"], row["seq_len"], row["input"])
-    return (row["task"], row["variant"], row["seq_len"], row["seed"])
-
-
-def _fail(row: dict, e: BaseException) -> dict:
-    if isinstance(e, variants.Unsupported):
-        return row | {"status": "unsupported", "reason": str(e)}
-    if isinstance(e, torch.OutOfMemoryError):
-        return row | {"status": "oom", "reason": str(e).splitlines()[0][:300]}
-    return row | {"status": "error", "reason": f"{type(e).__name__}: {e}"[:500]}
-
-
-def build_model(task, spec, name, options, device, tcfg: TrainConfig) -> Encoder:
+# --- the worker's side ------------------------------------------------------------------------
+def build_model(task: dict, name: str, options: dict, device, tcfg: TrainConfig) -> Encoder:
     """The encoder around variant ``name``; raises Unsupported, before any data is made, when
     the variant declares it cannot run the task's case."""
-    mcfg = _model_config(task, spec)
+    mcfg = model_config(task)
     torch.manual_seed(tcfg.seed)  # the same initial weights whatever ran before in the process
     model = Encoder(mcfg, name, options)
     attn = model.attentions[0]
     reasons = attn.unsupported(device=device, dtype=tcfg.dtype, causal=False, seq_len=mcfg.seq_len)
-    if hasattr(attn, "backward_unsupported"):  # training needs the backward too (flex on CPU)
-        reasons += attn.backward_unsupported(device=device)
+    reasons += attn.backward_unsupported(device=device)  # training needs the backward too
     if reasons:
         raise variants.Unsupported(f"{name}: " + "; ".join(reasons))
     return model
 
 
-def _capture(model, data) -> tuple:
-    return approx.capture_qkv(model, data["test"][0][:8])
+def train_job(job: dict) -> dict:
+    """The worker's job of kind ``task``: train ``job["variant"]`` with ``job["options"]`` on
+    ``job["task"]`` from seed ``job["seed"]``; returns the accuracy fields and the other rows."""
+    task, name, options, device = job["task"], job["variant"], job["options"], job["device"]
+    tcfg = train_config(task, job["seed"])
+    torch.set_num_threads(job["threads"])
+    model = build_model(task, name, options, device, tcfg)
+    data = dataset(task)
+    result = train(model, data, tcfg, device)
+    fields = ("accuracy", "val_accuracy", "steps", "best_step", "stopped", "train_s", "params")
+    rows = list(approx.trained_rows(model, data["test"][0], name, options))
+    if job.get("random_approx"):
+        mcfg = model_config(task)
+        rows += approx.random_rows(
+            name, options, task["approx_seq_lens"], mcfg.num_heads, mcfg.d_model // mcfg.num_heads
+        )
+    rows.append(speed_row(task, name, options, device, tcfg, job))
+    return {"status": "ok", **{k: result[k] for k in fields}, "rows": rows}
 
 
-def _brief_qkv(task, spec, data, device, tcfg) -> tuple:
-    """q, k, v from a briefly trained ``full`` model, when none was trained in this run."""
-    short = dataclasses.replace(
-        tcfg,
-        max_steps=spec.approx_train_steps,
-        eval_every=spec.approx_train_steps,
-        target_accuracy=None,
-    )
-    model = build_model(task, spec, approx.REFERENCE, {}, device, short)
-    train(model, data, short, device)
-    return _capture(model, data)
+def speed_row(task: dict, name: str, options: dict, device, tcfg: TrainConfig, job) -> dict:
+    """One training step of this task's model with this option set, timed as a train_step
+    cell (harness.train_step): the speed of exactly what was trained."""
+    from harness import train_step
+
+    mcfg = dataclasses.asdict(model_config(task))
+    seq_len = mcfg.pop("seq_len")
+    spec = {
+        "kind": "train_step",
+        "task": task["name"],
+        "variant": name,
+        "options": options,
+        "device": device,
+        "dtype": str(tcfg.dtype).removeprefix("torch."),
+        "batch": tcfg.batch_size // tcfg.accum_steps,
+        "seq_len": seq_len,
+        "model": mcfg,
+        "threads": job["threads"],
+        "min_run_time": 0.5,
+        "min_blocks": 3,
+        "seed": tcfg.seed,
+    }
+    try:
+        measured = train_step.measure_step(spec)
+    except Exception as e:  # the accuracy row stands; the speed row says why it is missing
+        from harness.cell import failure
+
+        measured = failure(e)
+    row = {k: v for k, v in spec.items() if k not in ("threads", "min_run_time", "min_blocks")}
+    return {**row, **measured, "options": json.dumps(options, sort_keys=True)}
 
 
-def run_task(
-    task: str,
-    preset: str,
-    variant_names: list[str],
-    variant_options: dict[str, dict],
-    device: str = "cpu",
-    done: set = frozenset(),
-    seed: int | None = None,
-) -> Iterator[dict]:
-    """One accuracy row per variant (skipping keys in ``done``, see row_key), then the approx
-    rows. ``seed`` defaults to the preset's training seed; it also picks the data."""
-    spec = presets.get(task, preset)
-    tcfg = spec.train if seed is None else dataclasses.replace(spec.train, seed=seed)
-    seq_len = task_shape(task, spec.data)["seq_len"]
-    finished = {_norm(k) for k in done}
-    opts = {n: resolve_options(spec, n, variant_options.get(n)) for n in variant_names}
-    trained_qkv = None
-    for name in variant_names:
-        row = {
-            "kind": "accuracy",
-            "task": task,
-            "variant": name,
-            "options": json.dumps(opts[name], sort_keys=True),
-            "device": str(device),
-            "dtype": str(tcfg.dtype).removeprefix("torch."),
-            "seq_len": seq_len,
-            "status": "ok",
-            "reason": "",
-            "accuracy": None,
-            "steps": None,
-            "train_s": None,
-            "params": None,
-            "seed": tcfg.seed,
-        }
-        if _norm(row_key(row)) in finished:
-            continue
-        try:
-            model = build_model(task, spec, name, opts[name], device, tcfg)
-            data = dataset(task, preset, tcfg.seed)
-            result = train(model, data, tcfg, device)
-            row |= {k: result[k] for k in ("accuracy", "steps", "train_s", "params")}
-            if approx.is_reference(name, opts[name]):
-                trained_qkv = _capture(model, data)
-            del model
-        except Exception as e:  # one variant's failure is its row, the others still run
-            row = _fail(row, e)
-        _free(device)
-        yield row
-    yield from _approx(task, preset, spec, variant_names, opts, device, tcfg, finished, trained_qkv)
+# --- the sweep's side -------------------------------------------------------------------------
+def run_task(cfg, plan, table, prov, worker) -> Counter:
+    """Accuracy rows (one per variant and seed) and the rows that come with them, into the
+    run's results table; keys already there are skipped (a resumed run adds nothing twice)."""
+    from omegaconf import OmegaConf
+
+    from harness import results as res
+    from harness.cell import origin_of
+
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    seeds = list(cfg.sweep.seeds)
+    done = table.done("accuracy")
+    counts: Counter = Counter()
+    for entry in plan.entries:
+        for i, seed in enumerate(seeds):
+            row = accuracy_row(task, entry.name, entry.options, plan.device, seed)
+            if res.row_key(row) in done:
+                continue
+            job = {"kind": "task", "task": task, "variant": entry.name, "options": entry.options}
+            job.update(seed=seed, device=plan.device, threads=plan.threads, random_approx=i == 0)
+            job["origin"] = origin_of(variants.build(entry.name, seq_len=64), entry.name)
+            result = worker.run(job, task["timeout_s"])
+            extra = result.pop("rows", [])
+            row.update(result)
+            for r in [row, *extra]:
+                r = {**r, "kind": r.get("kind") or "approx", "task": task["name"]}
+                r.setdefault("seed", seed)
+                table.append({**r, **prov, "timestamp": res.now()})
+            counts[row["status"]] += 1
+    return counts
 
 
-def _approx(task, preset, spec, names, opts, device, tcfg, finished, trained_qkv):
-    """Approx rows for what is not yet in ``finished``; trains a brief ``full`` for the q, k, v
-    only when a trained-input row is still missing and no ``full`` was trained above."""
-    seq_len = task_shape(task, spec.data)["seq_len"]
-    skip = lambda name, n, kind: _norm(("approx", task, name, n, kind)) in finished
-    missing = [
-        n for n in names if not approx.is_reference(n, opts[n]) and not skip(n, seq_len, "trained")
-    ]
-    extra = {"task": task, "dtype": "float32", "seed": tcfg.seed}
-    if missing and trained_qkv is None:
-        try:
-            trained_qkv = _brief_qkv(task, spec, dataset(task, preset, tcfg.seed), device, tcfg)
-        except Exception as e:  # without q, k, v the trained rows say why
-            for name in missing:
-                yield _fail(
-                    {
-                        "kind": "approx",
-                        "variant": name,
-                        "input": "trained",
-                        "seq_len": seq_len,
-                        "device": str(device),
-                        "approx_error": None,
-                        "options": json.dumps(opts[name], sort_keys=True),
-                    }
-                    | extra,
-                    e,
-                )
-    mcfg = _model_config(task, spec)
-    rows = approx.approx_rows(
-        names,
-        opts,
-        seq_lens=spec.approx_seq_lens,
-        trained_qkv=trained_qkv,
-        device=device,
-        heads=mcfg.num_heads,
-        head_dim=mcfg.d_model // mcfg.num_heads,
-        seed=tcfg.seed,
-        skip=skip,
-    )
-    for row in rows:
-        yield row | extra
-
-
-def _free(device) -> None:
-    """Release one variant's memory before the next one trains."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
+def accuracy_row(task: dict, name: str, options: dict, device, seed: int) -> dict:
+    tcfg = train_config(task, seed)
+    return {
+        "kind": "accuracy",
+        "task": task["name"],
+        "variant": name,
+        "options": json.dumps(options, sort_keys=True),
+        "device": str(device),
+        "dtype": str(tcfg.dtype).removeprefix("torch."),
+        "seq_len": model_config(task).seq_len,
+        "seed": seed,
+        "status": "ok",
+        "reason": "",
+    }

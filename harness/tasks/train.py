@@ -17,7 +17,7 @@ from .common import IGNORE
 from .model import num_params
 
 
-@dataclass(frozen=True)
+@dataclass
 class TrainConfig:
     batch_size: int = 32  # examples per optimizer step (split into accum_steps micro-batches)
     accum_steps: int = 1  # micro-batches per step: the same step in less memory
