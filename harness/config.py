@@ -93,6 +93,7 @@ class SweepConfig:
     # apart, not minutes, on a machine whose speed drifts
     order: str = "variant"
     rounds: int = 1  # measure the grid this many times over, pooling each cell's samples
+    patterns: bool = True  # record each variant's attention pattern (patterns.json) at the end
     seed: int = 0  # seeds the random q, k, v of every cell
     # accuracy tasks: one training run per seed (its batch order and initial weights; the data
     # come from task.data_seed), one accuracy row each

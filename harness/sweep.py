@@ -244,7 +244,7 @@ def _run_locked(cfg, plan: Plan, run_dir: Path, run_id: str, overrides) -> Path:
             measure_peak(meta, plan, worker, run_dir)
             make = train_step_grid if cfg.sweep.kind == "train_step" else grid
             counts = run_cells(make(plan, cfg.sweep), plan, cfg.sweep, table, worker, prov)
-            if cfg.sweep.kind == "speed":
+            if cfg.sweep.kind == "speed" and cfg.sweep.patterns:
                 record_patterns(plan, run_dir, worker)
     except KeyboardInterrupt:  # the worker (own process group) did not see Ctrl-C: stop it now
         worker.kill()

@@ -6,7 +6,10 @@ the ``seq_len`` the module is built for; a shorter call uses their leading colum
 cannot be run without rebuilding.
 
 Sharing (the paper's section 4): ``headwise`` one E and one F for all heads; ``kv`` one matrix
-used as both E and F for all heads; ``none`` an E and an F per head.
+used as both E and F for all heads; ``none`` an E and an F per head (per key/value head: with
+grouped heads each key/value head is projected once, by its own E and F, and read by the query
+heads of its group). Self-attention only: keys and values as long as the queries. No causal
+mode and no decoding: E k mixes every position, future ones included.
 """
 
 from __future__ import annotations
@@ -16,7 +19,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .common import itemsize, softmax_flops, softmax_scale
+from .common import (
+    group_queries,
+    itemsize,
+    softmax_,
+    softmax_flops,
+    softmax_scale,
+    ungroup,
+    with_backward,
+)
 from .registry import Attention, Common, Unsupported, register
 
 SHARES = ("headwise", "kv", "none")
@@ -51,18 +62,29 @@ def project(P, x):
 
 
 def linformer_attention(q, k, v, E, F):
-    """softmax(q (E k)^T / sqrt(d)) (F v); E, F: (heads or 1, k, n) with n = the call's length.
+    """softmax(q (E k)^T / sqrt(d)) (F v); q (B, H, n, d), k and v (B, KV, n, d), E and F (KV or
+    1, k, n) with n = the call's length. Each key/value head is projected once and read by the
+    G = H / KV query heads of its group, laid end to end (B, KV, G n, d): no copies per head.
 
     Queries go in blocks whose (rows x k) scores stay in cache (SCORE_BLOCK elements): the whole
     (n x k) scores of a long sequence would not, and each pass over them would then run at
     memory speed, so time would grow faster than n."""
-    k_proj = project(E, k).transpose(-1, -2)  # (B, H, d, k)
-    v_proj = project(F, v)  # (B, H, k, dv)
     B, H, n, d = q.shape
-    rows = max(1, SCORE_BLOCK // (B * H * k_proj.shape[-1]))
-    # Scale q (n x d), not the scores (n x k): one pass over the smaller tensor.
-    q = q * softmax_scale(d)
-    return torch.cat([(qb @ k_proj).softmax(-1) @ v_proj for qb in q.split(rows, dim=-2)], -2)
+    # The softmax scale goes on the (k x d) projected keys: the smallest tensor it can.
+    k_proj = (project(E, k) * softmax_scale(d)).transpose(-1, -2)  # (B, KV, d, k)
+    v_proj = project(F, v)  # (B, KV, k, dv)
+    grouped = group_queries(q, k.shape[1])  # (B, KV, G n, d), a view
+    rows = max(1, SCORE_BLOCK // (B * k.shape[1] * k_proj.shape[-1]))
+    blocks = grouped.split(rows, dim=-2)
+    if not any(t.requires_grad for t in (q, k_proj, v_proj)):
+        # Without autograd each block's output goes straight into the result, so the blocks
+        # are never all held (as they are until a cat).
+        out = q.new_empty(*grouped.shape[:-1], v_proj.shape[-1])
+        for start, qb in zip(range(0, grouped.shape[-2], rows), blocks, strict=True):
+            out[..., start : start + qb.shape[-2], :] = softmax_(qb @ k_proj) @ v_proj
+    else:  # a cat: its backward hands each block its slice (in-place writes would copy it)
+        out = torch.cat([(qb @ k_proj).softmax(-1) @ v_proj for qb in blocks], -2)
+    return ungroup(out, H)
 
 
 @register("linformer", config=LinformerConfig)
@@ -75,7 +97,9 @@ class Linformer(Attention):
                 "build it with seq_len=<the longest sequence you will call it with>"
             )
         gen = torch.Generator().manual_seed(cfg.seed)
-        heads = cfg.num_heads if cfg.share == "none" else 1
+        # share='none': a projection per key/value head (each compresses its own keys), which
+        # the G query heads of its group read.
+        heads = (cfg.kv_heads or cfg.num_heads) if cfg.share == "none" else 1
         self.E = nn.Parameter(init_projection(heads, cfg.proj_len, cfg.seq_len, gen))
         # kv sharing: one matrix serves as both E and F (F is then the same Parameter).
         self.F = (
@@ -85,7 +109,7 @@ class Linformer(Attention):
         )
 
     def projections(self):
-        """(E, F), each (heads or 1, proj_len, seq_len); the same tensor twice for share='kv'."""
+        """(E, F), each (kv_heads or 1, proj_len, seq_len); the same tensor twice for share='kv'."""
         return self.E, self.F
 
     def unsupported(
@@ -103,30 +127,44 @@ class Linformer(Attention):
                 f"seq_len {seq_len} exceeds the {self.cfg.seq_len} the projections were built "
                 f"for; rebuild with seq_len>={seq_len}"
             )
+        heads = self.E.shape[0]
+        if kv_heads is not None and heads != 1 and kv_heads != heads:
+            reasons.append(
+                f"share='none' holds projections for {heads} key/value heads, called with "
+                f"{kv_heads}; rebuild with kv_heads={kv_heads}"
+            )
         return reasons
 
     def attend(self, q, k, v, causal):
-        heads = self.E.shape[0]
-        if heads != 1 and heads != q.shape[1]:
-            raise Unsupported(
-                f"linformer: share='none' holds projections for {heads} heads, called with "
-                f"{q.shape[1]}; rebuild with num_heads={q.shape[1]}"
-            )
         n = q.shape[-2]
+        if k.shape[-2] != n:
+            raise Unsupported(
+                f"linformer: self-attention over one sequence: E and F are cut to the call's "
+                f"length, so keys must be as long as queries; q has {n} positions and k "
+                f"{k.shape[-2]} (use full for cross-attention)"
+            )
         # A shorter call uses the leading n columns: (heads or 1, k, n).
         E, F = (p[..., :n].to(device=q.device, dtype=q.dtype) for p in (self.E, self.F))
         return linformer_attention(q, k, v, E, F)
 
+    def decode_unsupported(self, *, device="cpu", dtype=torch.float32):
+        return [
+            "no autoregressive form: the projection E k mixes all positions, so every output "
+            "changes as later tokens arrive (there is no causal prefix to continue)"
+        ]
+
     def flops(
         self, *, batch, heads, seq_len, head_dim, causal=False, backward=False, kv_heads=None
     ):
-        kp = self.cfg.proj_len
-        # E k and F v: 2 * k * n * d each; their backward (grads of k, v and E, F) is 2x.
-        proj = 2 * 2 * batch * heads * kp * seq_len * head_dim
+        """E k and F v once per key/value head (2 k n d each), then softmax attention of every
+        query head over the k projected pairs; backward: BACKWARD_FACTOR x both (the
+        projections' gradients reach k, v and E, F)."""
+        kp, kv = self.cfg.proj_len, kv_heads or heads
+        proj = with_backward(2 * 2 * batch * kv * kp * seq_len * head_dim, backward)
         attn = softmax_flops(
             batch=batch, heads=heads, pairs=seq_len * kp, head_dim=head_dim, backward=backward
         )
-        return proj * 3 + attn if backward else proj + attn
+        return proj + attn
 
     def memory_model(
         self,
@@ -140,10 +178,22 @@ class Linformer(Attention):
         backward=False,
         kv_heads=None,
     ):
-        size = itemsize(dtype)
-        kp = self.cfg.proj_len
-        projected = 2 * batch * heads * kp * head_dim  # E k and F v
-        rows = min(seq_len, max(1, SCORE_BLOCK // (batch * heads * kp)))
-        scores = 2 * batch * heads * rows * kp  # one block's scores and softmax
-        out = batch * heads * seq_len * head_dim
-        return (projected + scores + out) * size
+        """Forward: the output, one block's scores (softmax in place) and output, the projected
+        keys and values. With autograd, the largest of: the end of the forward (every block's
+        softmax, kept for backward, the copies of k and v the projections' einsum keeps, the
+        blocks' outputs and their cat), the start of the backward (a block's softmax and score
+        gradients and F v's instead of the blocks' outputs) and its end (the gradients of q, k,
+        v, E and F). The projections are built in float32: another dtype adds their copies."""
+        kp, kv, n, d = self.cfg.proj_len, kv_heads or heads, seq_len, head_dim
+        rows = min(heads // kv * n, max(1, SCORE_BLOCK // (batch * kv * kp)))
+        params = len({id(self.E), id(self.F)}) * self.E.numel()  # E and F, or one for "kv"
+        casts = 0 if dtype == torch.float32 else params * n // self.cfg.seq_len
+        out = batch * heads * n * d
+        projected = 2 * batch * kv * kp * d  # E k (scaled) and F v
+        block = batch * kv * rows * kp  # one block of scores
+        if not backward:
+            return (out + projected + block + batch * kv * rows * d + casts) * itemsize(dtype)
+        kept = batch * heads * n * kp + 2 * batch * kv * n * d + projected + casts
+        start = max(2 * out, out + 2 * block + batch * kv * kp * d)
+        end = 2 * out + 2 * batch * kv * n * d + params  # q, k, v, E, F gradients; the output
+        return max(kept + start, end) * itemsize(dtype)

@@ -20,9 +20,15 @@ chunk covering the sequence it equals full shared-QK attention with the diagonal
 
 Cost per round: chunked attention over n * 2 * bucket_size pairs, a sort (n log n), and the
 hashing matmul, n * d * nb / 2 multiply-adds: the paper's hashing grows as n^2 / bucket_size,
-but stays below the attention's cost until n ~ 8 * bucket_size^2 (32768 for 64). Memory
-O(n * bucket_size * n_hashes). Batched over rounds and chunks (the only Python loop is over
-earlier rounds, to find duplicate pairs).
+but stays below the attention's cost until n ~ 8 * bucket_size^2 (32768 for 64). Its
+projections are made a block of rows at a time, so memory stays O(n * bucket_size * n_hashes).
+Batched over rounds and chunks (the Python loops are over earlier rounds, to find duplicate
+pairs, and over the hashing's blocks of rows).
+
+Keys are normalised and hashed in float32 whatever the input dtype, so the buckets, and so the
+windows, do not depend on it. Grouped heads: only the values have key/value heads (the keys are
+made from q), and each query head gathers its group's values. There is no decoding form: where a
+position hashes, and so which window it lands in, depends on every position of the sequence.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ from dataclasses import dataclass
 import torch
 
 from .common import itemsize, pad_to_multiple, softmax_flops, softmax_scale
-from .registry import Attention, Common, register
+from .registry import Attention, Common, Unsupported, register
+
+HASH_BLOCK = 2**22  # hash projections per block of rows (16 MB in float32)
 
 
 @dataclass
@@ -59,15 +67,24 @@ def random_rotations(dim: int, n_hashes: int, n_buckets: int, seed: int) -> torc
 
 @torch.no_grad()
 def hash_buckets(x, rotations):
-    """Bucket of each position per round: argmax([x R; -x R]), (..., n, d) -> (R, ..., n).
+    """Bucket of each position per round: argmax([x R; -x R]), (BH, n, d) -> (R, BH, n).
 
-    The max and the min of x R give that argmax without building the (.., nb) concatenation."""
+    The max and the min of x R give that argmax without building the (.., nb) concatenation.
+    Rows go in blocks of HASH_BLOCK projections: the whole (BH, n, R nb / 2) projection grows as
+    n^2 / bucket_size (4.3 GB at n = 65536, 8 heads), a block stays bounded. Each row's buckets
+    depend on that row alone, so the blocks change nothing."""
     d, rounds, half = rotations.shape
-    proj = (x @ rotations.reshape(d, rounds * half)).unflatten(-1, (rounds, half))  # (.,n,R,nb/2)
-    top, top_i = proj.max(-1)
-    bottom, bottom_i = proj.min(-1)
-    buckets = torch.where(top >= -bottom, top_i, bottom_i + half)  # ties: the first, as argmax
-    return buckets.movedim(-1, 0).contiguous()  # (R, ..., n): rounds outermost
+    flat = rotations.reshape(d, rounds * half)
+    BH, n, _ = x.shape
+    buckets = torch.empty(rounds, BH, n, dtype=torch.long, device=x.device)
+    rows = max(1, HASH_BLOCK // (BH * rounds * half))
+    for start in range(0, n, rows):
+        proj = (x[:, start : start + rows] @ flat).unflatten(-1, (rounds, half))  # (BH,r,R,nb/2)
+        top, top_i = proj.max(-1)
+        bottom, bottom_i = proj.min(-1)
+        block = torch.where(top >= -bottom, top_i, bottom_i + half)  # ties: the first, as argmax
+        buckets[..., start : start + rows] = block.movedim(-1, 0)  # rounds outermost
+    return buckets
 
 
 def mask_values(dtype):
@@ -96,13 +113,15 @@ def mask_in_place(scores, hide, n: int, chunk: int):
         scores.masked_fill_(hide.view_as(scores), mask)
 
 
-def sorted_rows(x, order, chunk: int, filler: bool = False):
-    """Each round's sorted copy of x (BH, n, W): (R * BH * N, W), gathered through flat row
+def sorted_rows(x, order, chunk: int, filler: bool = False, heads=None):
+    """Each round's sorted copy of x (BH', n, W): (R * BH * N, W), gathered through flat row
     indices (n-sized, not n*W-sized). ``filler``: with one leading chunk more, so that
-    ``windows`` gives every chunk the window (previous chunk, own chunk) as a view."""
+    ``windows`` gives every chunk the window (previous chunk, own chunk) as a view. ``heads``
+    (BH,): the head of x that each head of ``order`` reads (grouped values); None: its own."""
     R, BH, N = order.shape
-    rows = pad_to_multiple(x, chunk)[0].reshape(BH * N, -1)  # (BH*N, W)
-    flat = (order + torch.arange(BH, device=x.device).view(1, BH, 1) * N).reshape(-1)
+    rows = pad_to_multiple(x, chunk)[0].reshape(-1, x.shape[-1])  # (BH' * N, W)
+    heads = torch.arange(BH, device=x.device) if heads is None else heads
+    flat = (order + heads.view(1, BH, 1) * N).reshape(-1)
     if filler:  # copies of the first chunk, only ever seen by chunk 0 and masked there
         flat = torch.cat([flat[:chunk], flat])
     return rows.index_select(0, flat)
@@ -159,18 +178,20 @@ def hidden_pairs(order, slot, chunk: int, causal: bool):
 
 
 def lsh_attention(q, v, rotations, chunk: int, causal: bool):
-    """q (B, H, n, d), v (B, H, n, dv), rotations (d, R, nb / 2): (B, H, n, dv)."""
+    """q (B, H, n, d), v (B, KV, n, dv), rotations (d, R, nb / 2): (B, H, n, dv). Query head h
+    reads value head h // (H / KV): its values are gathered from that head, never copied per
+    query head (shared QK: the keys are made from q, so only the values are grouped).
+
+    Each tensor is dropped as soon as it is used (del): without autograd the peak is then one
+    phase's tensors, not all of them."""
     B, H, n, d = q.shape
-    R = rotations.shape[1]
-    q, v = q.reshape(B * H, n, d), v.reshape(B * H, n, -1)
-    keys = q / q.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)  # shared QK
-    # Hash in float32 at least: a half-precision projection would flip buckets (other windows)
-    wide = torch.promote_types(q.dtype, torch.float32)
-    buckets = hash_buckets(keys.to(wide), rotations.to(device=q.device, dtype=wide))  # (R,BH,n)
-    buckets, _ = pad_to_multiple(buckets, chunk, dim=-1)
+    R, q = rotations.shape[1], q.reshape(B * H, n, d)
+    keys, buckets = shared_keys_and_buckets(q, rotations)  # (BH, n, d), (R, BH, n)
+    buckets, _ = pad_to_multiple(buckets, chunk, dim=-1)  # (R, BH, N)
     N = buckets.shape[-1]
     buckets[..., n:] = 2 * rotations.shape[2]  # padding sorts after every real position
     order = torch.sort(buckets, dim=-1, stable=True)[1]  # (R, BH, N): positions, sorted
+    del buckets
     # slot[r, bh, p]: where position p sits in round r's sorted order (inverse of order).
     slot = torch.empty_like(order).scatter_(-1, order, torch.arange(N).to(order).expand_as(order))
     G = R * B * H * (N // chunk)
@@ -178,14 +199,40 @@ def lsh_attention(q, v, rotations, chunk: int, causal: bool):
     # Sorted copies; separate tensors, so that each one's gradient is written once, whole.
     queries = sorted_rows(q * softmax_scale(d), order, chunk).view(G, chunk, d)
     key_rows = sorted_rows(keys, order, chunk, filler=True)  # ((G + 1) c, d)
+    del keys
     scores = queries @ windows(key_rows, chunk)  # (G, c, 2c)
+    del queries, key_rows
     hide = hidden_pairs(order, slot, chunk, causal)
     mask_in_place(scores.view(R * B * H, -1, chunk, 2 * chunk), hide, n, chunk)
+    del hide
 
-    expd, total, lse = exp_scores(scores)  # (G, c, 2c), (G, c), (G, c)
-    value_rows = sorted_rows(v, order, chunk, filler=True)  # ((G + 1) c, dv)
+    expd, total, lse = exp_scores(scores)  # (G, c, 2c): the scores, exponentiated in place
+    heads = value_heads(B, H, v.shape[1], q.device)
+    value_rows = sorted_rows(v.flatten(0, 1), order, chunk, filler=True, heads=heads)
     out = expd @ windows(value_rows, chunk).transpose(-1, -2)  # (G, c, dv), unnormalised
+    del scores, expd, value_rows
     return combine_rounds(out, total, lse, order, slot, n).view(B, H, n, -1)
+
+
+def value_heads(batch: int, heads: int, kv_heads: int, device):
+    """(B * H,): the value head (b, h // (H / KV)) each query head (b, h) reads; None when
+    every query head has its own."""
+    if kv_heads == heads:
+        return None
+    b, h = torch.arange(batch, device=device), torch.arange(heads, device=device)
+    return (b[:, None] * kv_heads + h[None, :] // (heads // kv_heads)).reshape(-1)
+
+
+def shared_keys_and_buckets(q, rotations):
+    """The shared-QK keys q / |q| (BH, n, d) in q's dtype and their buckets (R, BH, n), both
+    from keys normalised and hashed in float32 at least: in half precision the norm and the
+    projection would move positions to other buckets (other windows), so the attention would
+    depend on the dtype (bfloat16 flipped 0.04% of buckets, 16-33% output error)."""
+    wide = torch.promote_types(q.dtype, torch.float32)
+    keys = q.to(wide)
+    keys = keys / keys.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(wide).tiny)
+    buckets = hash_buckets(keys, rotations.to(device=q.device, dtype=wide))
+    return keys.to(q.dtype), buckets
 
 
 def exp_scores(scores):
@@ -224,6 +271,10 @@ def combine_rounds(out, total, lse, order, slot, n: int):
 
 @register("reformer", config=ReformerConfig)
 class Reformer(Attention):
+    # The call computes every slot of its windows: padding, hidden (causal) and duplicate pairs,
+    # and each chunk 0's look-back, all masked; flops() counts the visible pairs only.
+    counted_equals_analytic = False
+
     def __init__(self, cfg: ReformerConfig):
         super().__init__(cfg)
         self._rotations = {}  # (d, nb) -> rotations: drawn once per shape from the seed
@@ -234,10 +285,22 @@ class Reformer(Attention):
             self._rotations[dim, nb] = random_rotations(dim, self.cfg.n_hashes, nb, self.cfg.seed)
         return self._rotations[dim, nb]
 
-    def attend(self, q, k, v, causal):
+    def attend(self, q, k, v, causal):  # k is not used: keys are q / |q| (shared QK)
         n = q.shape[-2]
+        if v.shape[-2] != n:
+            raise Unsupported(
+                f"reformer: shared-QK self-attention: keys are the queries, so values must be "
+                f"as long as queries; q has {n} positions and v {v.shape[-2]}"
+            )
         rotations = self.rotations(q.shape[-1], n)
         return lsh_attention(q, v, rotations, min(self.cfg.bucket_size, n), causal)
+
+    def decode_unsupported(self, *, device="cpu", dtype=torch.float32):
+        return [
+            "no autoregressive form: a position's buckets, sort order and so its window depend "
+            "on where every position of the sequence hashes, later ones included, so a prefix "
+            "cannot be continued token by token"
+        ]
 
     def _shape(self, seq_len):
         chunk = min(self.cfg.bucket_size, seq_len)
@@ -247,12 +310,29 @@ class Reformer(Attention):
     def flops(
         self, *, batch, heads, seq_len, head_dim, causal=False, backward=False, kv_heads=None
     ):
-        """Hashing (x R, no gradient) plus softmax attention over the pairs computed: each
-        round, every (padded) query against 2 chunks of keys, masked or not."""
+        """Hashing (x R, no gradient) plus softmax attention over the visible pairs: the union
+        of the rounds' windows, without padding, the own key (hidden unless alone) or the
+        look-back of chunk 0. Which pairs the rounds share depends on where the data hashes,
+        which a count from shapes cannot see: the union is its expectation for rounds that hash
+        independently, (n - 1) (1 - (1 - w / (n - 1))^R) keys per query with w the other keys
+        of one window (within 1.5% of the real union on Gaussian inputs, n = 1024 .. 16384,
+        causal or not; inputs whose neighbours collide in every round share more pairs, so
+        they see fewer). Causal: half of them, the expectation when the sorted order is
+        independent of the original one."""
         chunk, padded, nb = self._shape(seq_len)
-        rounds = self.cfg.n_hashes
-        hashing = 2 * batch * heads * seq_len * head_dim * rounds * (nb // 2)
-        pairs = rounds * padded * 2 * chunk
+        n, rounds = seq_len, self.cfg.n_hashes
+        hashing = 2 * batch * heads * n * head_dim * rounds * (nb // 2)
+        if n == 1:
+            return hashing  # a single position attends to itself only
+        last = n - (padded // chunk - 1) * chunk  # real slots of the last chunk
+        # Real keys per window, summed over real queries: chunk 0 sees itself, a later chunk
+        # itself and the one before it (padding excepted); the own key is not counted.
+        window = chunk * chunk if padded > chunk else n * n
+        window += (padded // chunk - 2) * chunk * 2 * chunk if padded > 2 * chunk else 0
+        window += last * (chunk + last) if padded > chunk else 0
+        w = (window - n) / n
+        union = n * (n - 1) * (1 - (1 - w / (n - 1)) ** rounds)
+        pairs = round(union / 2 if causal else union)
         attn = softmax_flops(
             batch=batch, heads=heads, pairs=pairs, head_dim=head_dim, backward=backward
         )
@@ -270,14 +350,36 @@ class Reformer(Attention):
         backward=False,
         kv_heads=None,
     ):
-        """The attention phase: scores (exponentiated in place), the boolean masks (causal
-        and duplicates, plus a scratch of the later rounds), the gathered q / keys / v and the
-        per-round outputs. Hashing's n x nb / 2 projections come first and are smaller."""
-        chunk, padded, nb = self._shape(seq_len)
-        rounds, size = self.cfg.n_hashes, itemsize(dtype)
-        slots = batch * heads * rounds * padded  # sorted positions over all rounds
-        pairs = slots * 2 * chunk
-        masks = pairs * (2 * rounds - 1) // rounds if (causal or rounds > 1) else 0
-        attn = pairs * size + masks + slots * (3 * head_dim + head_dim) * size
-        hashing = batch * heads * seq_len * rounds * (nb // 2) * size
-        return max(hashing, attn)
+        """The largest of the call's moments, from the tensors live then: hashing (the keys,
+        the buckets and one block of projections, in float32 at least), masking (the scores,
+        the boolean masks of hidden and duplicate pairs and their scratch) and the values
+        (scores exponentiated in place, the gathered values and the rounds' outputs). With
+        autograd, the backward through the values (the sorted queries, keys and values and the
+        scores kept for it, the scores' gradient and the windows' gradient, as wide as the
+        windows, with the rounds' output gradient) or through the scores (the exponentiated
+        scores, their gradient and the scores'). Key/value heads: the values are gathered, so
+        kv_heads changes no size here. Checked against live tensor bytes (tests/test_contract.py;
+        n = 1024 .. 65536 by hand)."""
+        chunk, N, nb = self._shape(seq_len)
+        R, n, d, BH = self.cfg.n_hashes, seq_len, head_dim, batch * heads
+        size, wide = itemsize(dtype), max(itemsize(dtype), 4)
+        slots = R * BH * N  # sorted positions over all rounds
+        S = slots * 2 * chunk  # scores
+        rows = (slots + chunk) * d  # one gathered copy of the queries, keys or values
+        index = 2 * slots * 8 + 2 * slots * size  # order and slot (int64), sums and lse
+        keys = BH * n * d * (size + (2 * wide if wide > size else 0))  # half: float32 copies
+        half = nb // 2  # projections per round
+        block = min(n, max(1, HASH_BLOCK // (BH * R * half))) * BH * R * half  # as hash_buckets
+        hashing = keys + slots * 8 + block * wide + 4 * block // half * 8  # + its max and min
+        masks = S * (2 * R - 1) // R if (causal or R > 1) else 0  # bool
+        masking = keys + index + S * size + masks + slots * 2
+        # Half precision: the CPU's bmm copies a product's unfolded windows (S d / c).
+        windows = S * d // chunk if size < 4 else 0
+        values = index + (S + 2 * rows + windows) * size
+        if not backward:
+            return max(hashing, masking, values)
+        out = BH * N * d  # the sum of the rounds, whose view is the output
+        through_values = S * (2 + d / chunk) + 4 * rows + out + windows
+        through_scores = 3 * S + 2 * rows + 2 * out + windows
+        kept = index + (BH * n * d * wide if wide > size else 0)  # half: q in float32
+        return max(hashing, masking, kept + int(max(through_values, through_scores)) * size)
