@@ -1,5 +1,12 @@
 """``xformers``: ``xformers.ops.memory_efficient_attention``, causal through its
-lower-triangular bias. xformers ships CUDA kernels only: on CPU the variant is Unsupported."""
+lower-triangular bias. xformers ships CUDA kernels only: on CPU the variant is Unsupported.
+
+Grouped heads use xformers' own GQA layout (its docstring, xformers 0.0.35): 5-d tensors
+(B, n, G, H, K) with G key/value head groups of H query heads each, k and v expanded along H
+without a copy (xformers does not broadcast by itself). xformers supports that layout in the
+forward pass only, so a grouped call that needs gradients is Unsupported. Decoding is a query of
+length 1 against the KV cache with no bias: the new token sees every cached one and itself.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,9 @@ import functools
 
 import torch
 
-from .common import itemsize
+from .full import KVCacheDecoding
 from .registry import DenseAttention, Unsupported, register
+from .sdpa import fused_memory
 
 
 @functools.cache
@@ -21,27 +29,42 @@ def _xformers_ops():
     return xops, None
 
 
+def _bias(xops, causal):
+    return xops.LowerTriangularMask() if causal else None  # top-left, as ``full``
+
+
+def xformers_call(xops, q, k, v, causal: bool):
+    """memory_efficient_attention on (B, H, n, d) tensors, through xformers' (B, n, H, d)
+    layout, or grouped (B, n, KV, G, d) where k, v have KV < H heads: the queries split by
+    key/value head, keys and values expanded over the G query heads (a stride-0 view)."""
+    kv, groups = k.shape[1], q.shape[1] // k.shape[1]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if groups > 1:
+        q = q.unflatten(2, (kv, groups))
+        k, v = (t[:, :, :, None].expand(-1, -1, -1, groups, -1) for t in (k, v))
+    out = xops.memory_efficient_attention(q, k, v, attn_bias=_bias(xops, causal))
+    return (out.flatten(2, 3) if groups > 1 else out).transpose(1, 2)
+
+
 @functools.cache
-def _probe(device: str, dtype: torch.dtype, causal: bool) -> list[str]:
+def _probe(device: str, dtype: torch.dtype, causal: bool, grouped: bool) -> list[str]:
     xops, err = _xformers_ops()
     if err:
         return [err]
-    q = torch.randn(1, 16, 1, 16, device=device).to(dtype)  # xformers' (B, M, H, K) layout
+    q = torch.randn(1, 2, 16, 16, device=device).to(dtype)
+    k = q[:, :1] if grouped else q  # one key/value head for two query heads
     try:
-        xops.memory_efficient_attention(q, q, q, attn_bias=_bias(xops, causal))
-    except NotImplementedError as e:  # xformers explains which operators refused and why
+        xformers_call(xops, q, k, k, causal)
+    except (NotImplementedError, ValueError) as e:  # xformers says which operators refused why
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         why = "; ".join(ln for ln in lines if "supported" in ln or "built" in ln)[:300]
-        return [f"xformers has no kernel for {dtype} on {device}: {why or lines[0]}"]
+        what = "grouped heads in " if grouped else ""
+        return [f"xformers has no kernel for {what}{dtype} on {device}: {why or lines[0]}"]
     return []
 
 
-def _bias(xops, causal):
-    return xops.LowerTriangularMask() if causal else None
-
-
 @register("xformers")
-class XFormers(DenseAttention):
+class XFormers(KVCacheDecoding, DenseAttention):
     baseline = True  # a library kernel, not our own implementation
 
     def unsupported(
@@ -55,14 +78,27 @@ class XFormers(DenseAttention):
                 "xformers' memory_efficient_attention has CUDA kernels only, none for "
                 f"{torch.device(device).type}; on CPU compare against sdpa or sdpa_flash"
             ]
-        return reasons or _probe(str(device), dtype, causal)
+        grouped = kv_heads is not None and kv_heads != self.cfg.num_heads
+        return reasons or _probe(str(device), dtype, causal, grouped)
 
     def attend(self, q, k, v, causal):
+        xops = self._ops()
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if needs_grad and k.shape[1] != q.shape[1]:
+            raise Unsupported(
+                f"{self.name}: xformers runs grouped heads (its BMGHK layout) in the forward "
+                "pass only; time fwd, or compare grouped backward against sdpa"
+            )
+        return xformers_call(xops, q, k, v, causal)
+
+    def step(self, q_t, keys, values):
+        return xformers_call(self._ops(), q_t, keys, values, causal=False)
+
+    def _ops(self):
         xops, err = _xformers_ops()
         if err:
             raise Unsupported(f"{self.name}: {err}")
-        t = lambda x: x.transpose(1, 2)  # (B, H, n, d) -> xformers' (B, n, H, d)
-        return t(xops.memory_efficient_attention(t(q), t(k), t(v), attn_bias=_bias(xops, causal)))
+        return xops
 
     def memory_model(
         self,
@@ -76,4 +112,6 @@ class XFormers(DenseAttention):
         backward=False,
         kv_heads=None,
     ):
-        return batch * heads * seq_len * head_dim * itemsize(dtype)
+        """The output and its log-sum-exp (and the gradients): not measured here (CUDA only)."""
+        shape = (batch, heads, kv_heads or heads, seq_len, head_dim, dtype)
+        return fused_memory(*shape, backward, cpu_buffers=False)
