@@ -15,7 +15,6 @@ import variants
 from harness import results
 from harness.sweep import compose_config, run
 from harness.tasks import TASKS, approx, chance_level, listops, majority_baseline, mqar, pathfinder
-from harness.tasks.common import IGNORE
 from harness.tasks.model import Encoder, ModelConfig
 from harness.tasks.run import task_shape
 from harness.tasks.train import TrainConfig, lr_factor, train
@@ -78,37 +77,8 @@ def test_listops_impossible_range_says_why():
 
 # --- MQAR -----------------------------------------------------------------------------------
 MQAR = {"seq_len": 48, "num_kv_pairs": 6, "vocab_size": 40}
-
-
-@pytest.mark.parametrize("extra", [{}, {"min_kv_pairs": 1}, {"num_queries": 3}])
-def test_mqar_every_query_answer_is_in_its_context(extra):
-    cfg = mqar.MQARConfig(**MQAR, **extra)
-    tokens, labels = mqar.generate("train", 200, seed=3, **MQAR, **extra)
-    assert tokens.shape == labels.shape == (200, cfg.seq_len)
-    is_key = lambda t: 1 <= t <= cfg.num_keys
-    for row, lab in zip(tokens.tolist(), labels.tolist(), strict=True):
-        context, i = {}, 0
-        while (
-            i + 1 < len(row)
-            and is_key(row[i])
-            and not is_key(row[i + 1])
-            and row[i + 1] != mqar.FILLER
-        ):
-            assert row[i] not in context, "keys in the context are distinct"
-            context[row[i]] = row[i + 1]  # the leading run of (key, value) pairs
-            i += 2
-        queries = [(j, t) for j, t in enumerate(row) if j >= i and t != mqar.FILLER]
-        assert context and 1 <= len(queries) <= len(context)
-        for j, t in queries:  # a query's target is the value right after its key
-            assert t in context and lab[j] == context[t]
-        labelled = [j for j, y in enumerate(lab) if y != IGNORE]
-        assert labelled == [j for j, _ in queries]  # IGNORE everywhere else
-
-
-def test_mqar_mixture_spans_the_pair_counts():
-    tokens, _ = mqar.generate("train", 120, seed=0, **MQAR, min_kv_pairs=2)
-    counts = {int((row[0 : 2 * 6 : 2] != mqar.FILLER).sum()) for row in tokens}
-    assert counts == {2, 3, 4, 5, 6}
+# the invariants of the layout (pairs anywhere in the context, answers beside their keys) are
+# checked in tests/test_shortcuts.py
 
 
 # --- Pathfinder -----------------------------------------------------------------------------
@@ -375,8 +345,8 @@ def test_the_ci_task_learns(tmp_path):
     )  # fmt: skip
     (row,) = by_kind(run(cfg))["accuracy"]
     assert row["status"] == "ok", row["reason"]
-    assert float(row["accuracy"]) >= 0.9, row
-    assert float(row["train_s"]) < 60
+    assert float(row["accuracy"]) >= 0.9, row  # within the preset's 2000 steps (~30 s idle)
+    assert row["stopped"] == "target"
 
 
 def test_a_task_failure_is_a_row_not_a_crash(tmp_path):

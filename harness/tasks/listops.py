@@ -8,6 +8,12 @@ operators and ``max_args`` arguments per operator; expressions are drawn until t
 in ``[min_len, max_len]``. The length counts one token per digit and two per operator
 (``[OP`` and its ``]``): the bracketed tokens stay in the sequence, since finding where an
 argument list ends is half of the task.
+
+Shortcuts (probes in tests/test_shortcuts.py): none beyond the task's nature. Every expression
+opens with its root operator, which shapes the value (MIN leans to 0, MAX to 9): "the most
+common value under this root operator" is right 20% (ci), 25% (cpu) and 37% (gpu preset) of
+the time, against 10%, 7% and 21% for the majority class. That is a baseline, not a leak, and
+an accuracy means something only above it: LRA's own Transformer figure, 36.4%, sits on it.
 """
 
 from __future__ import annotations
