@@ -16,3 +16,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_dynamo():
+    """Each test module starts with dynamo's caches empty: eager FlexAttention compiles through
+    dynamo, and after hundreds of shapes from earlier modules this torch crashed while working
+    out why a cached graph did not fit (a TypeError in its guard-failure report), a failure of
+    the test order, not of the code under test."""
+    torch._dynamo.reset()
+    yield

@@ -488,6 +488,39 @@ def test_an_explicitly_named_variant_beats_a_presets_exclude():
     assert [e.name for e in plan.entries] == ["local"]  # a pattern is thinned by the exclude
 
 
+def test_grouped_heads_and_decode_cells(tmp_path):
+    cfg = tiny(
+        tmp_path,
+        "sweep.variants=[full,linformer]",
+        "sweep.num_heads=[4]",
+        "sweep.kv_heads=[null,2]",
+        "sweep.seq_lens=[64]",
+        "sweep.passes=[fwd,decode]",
+    )
+    rows = {(r["variant"], r["kv_heads"], r["pass"]): r for r in read_rows(run(cfg))}
+    assert set(rows) == {(v, kv, p) for v in ("full", "linformer") for kv in "42" for p in
+                         ("fwd", "decode")}  # fmt: skip
+    step = rows[("full", "2", "decode")]
+    assert step["status"] == "ok", step["reason"]
+    assert step["causal"] == "True"
+    # the KV cache of 64 tokens: k and v, 2 key/value heads, d 16, float32
+    assert float(step["cache_mb"]) == pytest.approx(2 * 2 * 64 * 16 * 4 / 2**20)
+    assert float(step["flops"]) == 2 * 4 * 65 * 2 * 16  # 4 query heads, 65 keys, q.k and p.v
+    assert rows[("linformer", "4", "decode")]["status"] == "unsupported"
+
+
+def test_decode_steps_are_timed_from_one_state():
+    """The timed call repeats one decode step at context n: the state it is given is not
+    changed, so the 100th call sees n tokens, as the first."""
+    spec = dict(variant="full", options={}, device="cpu", dtype="float32", batch=1, heads=2,
+                kv_heads=2, seq_len=32, head_dim=8, causal=True, seed=0)  # fmt: skip
+    spec["pass"] = "decode"
+    attn = cell.build(spec)
+    step, info = cell.timed_step(attn, spec)
+    outs = [step()[1].length for _ in range(5)]
+    assert outs == [33] * 5 and info["cache_mb"] > 0
+
+
 # --- run folders: locks, kills, full disks ----------------------------------------------------
 def test_a_held_run_folder_is_refused_at_once_naming_its_holder(tiny_run, tmp_path):
     with results.RunLock(tmp_path / "held"):

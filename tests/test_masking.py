@@ -103,9 +103,14 @@ def test_local_flops_count_the_band():
 
 
 def test_local_memory_grows_linearly():
+    """O(n d) tensors plus one cache-sized chunk of scores: once the chunk is at its budget,
+    each doubling of n adds twice what the one before added (linear), never 4x (quadratic)."""
     attn = variants.build("local")
-    mem = [attn.memory_model(batch=1, heads=8, seq_len=n, head_dim=64) for n in (4096, 16384)]
-    assert 3.5 < mem[1] / mem[0] < 4.5  # 4x the length, about 4x the bytes (not 16x)
+    mem = [
+        attn.memory_model(batch=1, heads=8, seq_len=n, head_dim=64) for n in (16384, 32768, 65536)
+    ]
+    assert 1.8 < (mem[2] - mem[1]) / (mem[1] - mem[0]) < 2.2
+    assert mem[2] / mem[0] < 4.5
 
 
 # --- sparse ---------------------------------------------------------------------------------
@@ -140,8 +145,8 @@ def test_sparse_dense_mask_is_the_pattern_written_out(pattern, causal, rows, seq
     [("fixed", False), ("fixed", True), ("strided", False), ("strided", True), ("bigbird", False)],
 )
 def test_sparse_matches_dense_attention_under_its_mask(pattern, causal, seq_len):
-    q, k, v = qkv(seq_len=seq_len)
-    attn = variants.build("sparse", pattern=pattern, block_size=16, stride=2)
+    q, k, v = qkv(seq_len=seq_len)  # 3 heads: bigbird's layout is per head
+    attn = variants.build("sparse", pattern=pattern, block_size=16, stride=2, num_heads=3)
     ref = softmax_attention(q, k, v, mask=attn.dense_mask(seq_len, causal))
     torch.testing.assert_close(attn(q, k, v, causal=causal), ref, **TOL)
 
@@ -150,7 +155,7 @@ def test_sparse_matches_dense_attention_under_its_mask(pattern, causal, seq_len)
 def test_sparse_default_layout_at_a_longer_length(pattern):
     """The default sizes (64-blocks, about sqrt(nb) period) and the plan's row groups."""
     q, k, v = qkv(batch=1, heads=2, seq_len=1000, head_dim=8)
-    attn = variants.build("sparse", pattern=pattern)
+    attn = variants.build("sparse", pattern=pattern, num_heads=2)
     for causal in (False, True) if pattern == "fixed" else (False,):
         mask = attn.dense_mask(1000, causal)
         ref = softmax_attention(q, k, v, mask=mask)
@@ -164,7 +169,7 @@ def test_sparse_default_layout_at_a_longer_length(pattern):
     [
         dict(pattern="fixed", stride=100),  # one period holds every block
         dict(pattern="strided", stride=100),  # the recent window holds every block
-        dict(pattern="bigbird", num_window_blocks=99),
+        dict(pattern="bigbird", num_window_blocks=99, num_heads=3),
     ],
 )
 def test_sparse_all_true_layout_equals_full(options, causal):
@@ -178,17 +183,37 @@ def test_sparse_all_true_layout_equals_full(options, causal):
     )
 
 
-def test_bigbird_layout_is_window_global_random_and_deterministic():
-    build = lambda seed: variants.build("sparse", pattern="bigbird", block_size=4, seed=seed)
+def test_bigbird_layout_is_window_global_random_per_head_and_deterministic():
+    """Window and globals are the same in every head; the random blocks are drawn per head, as
+    in the reference implementation (one draw shared by all heads was a bug)."""
+    build = lambda seed: variants.build(
+        "sparse", pattern="bigbird", block_size=4, seed=seed, num_heads=4
+    )
     layout = build(0).layout(4 * 40)  # 40 blocks
     nb = 40
+    assert layout.shape == (4, nb, nb)
     i, j = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
-    assert layout[(i - j).abs() <= 1].all()  # window of 3 blocks
-    assert layout[[0, nb - 1]].all() and layout[:, [0, nb - 1]].all()  # 2 globals
-    inner = layout[1:-1].sum(1)  # window 3 + globals 2 + random 2, all distinct
-    assert (inner[1:-1] == 7).all()
+    for head in layout:
+        assert head[(i - j).abs() <= 1].all()  # window of 3 blocks
+        assert head[[0, nb - 1]].all() and head[:, [0, nb - 1]].all()  # 2 globals
+        inner = head[1:-1].sum(1)  # window 3 + globals 2 + random 2, all distinct
+        assert (inner[1:-1] == 7).all()
+    random = layout & ~((i - j).abs() <= 1)  # the draws (and globals, the same everywhere)
+    assert all(not torch.equal(random[0], random[h]) for h in range(1, 4))
     assert torch.equal(build(0).layout(160), layout)  # same seed, same layout
     assert not torch.equal(build(1).layout(160), layout)  # another seed, other random blocks
+    mask = build(0).dense_mask(150)  # 38 blocks, the last one half padding
+    blocks = build(0).layout(150).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    assert mask.shape == (4, 150, 150) and torch.equal(mask, blocks[:, :150, :150])
+
+
+def test_bigbird_is_computed_per_head_and_refuses_another_head_count():
+    q, k, v = qkv(heads=4, seq_len=90)
+    attn = variants.build("sparse", pattern="bigbird", block_size=8, num_heads=4, seed=5)
+    mask = attn.dense_mask(90)
+    torch.testing.assert_close(attn(q, k, v), softmax_attention(q, k, v, mask=mask), **TOL)
+    with pytest.raises(variants.Unsupported, match="num_heads=4"):
+        attn(q[:, :2], k[:, :2], v[:, :2])
 
 
 def test_bigbird_has_no_causal_form():
@@ -332,11 +357,16 @@ def test_relative_gradients_match_the_oracle_and_reach_the_bias():
         torch.testing.assert_close(ours, ref, **TOL)
 
 
-def test_relative_refuses_another_head_count():
+def test_relative_refuses_another_head_count_as_unsupported():
+    """A head count the bias was not built for is a case it cannot run (the harness records
+    an `unsupported` row), not bad input: Unsupported, from the call and from decode."""
     attn = variants.build("relative", num_heads=8)
     q = torch.randn(1, 4, 10, 8)
-    with pytest.raises(ValueError, match="num_heads=8"):
+    with pytest.raises(variants.Unsupported, match="num_heads=8"):
         attn(q, q, q)
+    _, cache = variants.build("relative", num_heads=4).prefill(q, q, q)
+    with pytest.raises(variants.Unsupported, match="num_heads=8"):
+        attn.decode(q[:, :, :1], q[:, :, :1], q[:, :, :1], cache)
 
 
 def test_relative_memory_grows_as_n_times_chunk():
@@ -345,6 +375,174 @@ def test_relative_memory_grows_as_n_times_chunk():
     assert mem[1] / mem[0] < 4.5
     full = variants.build("full").memory_model(batch=1, heads=8, seq_len=16384, head_dim=64)
     assert mem[1] < full / 10
+
+
+# --- grouped heads and decoding, against the float64 oracle ---------------------------------
+def grouped_qkv(heads: int, kv_heads: int, seq_len: int, requires_grad=False):
+    """q with ``heads`` heads; k and v with ``kv_heads`` (drawn apart from q)."""
+    q, _, _ = qkv(heads=heads, seq_len=seq_len, requires_grad=requires_grad)
+    _, k, v = qkv(heads=kv_heads, seq_len=seq_len, seed=1, requires_grad=requires_grad)
+    return q, k, v
+
+
+def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """The oracle's own expansion: query head h reads key/value head h // (heads / kv_heads)."""
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def oracle_of(attn, name: str, n: int, causal: bool):
+    """The (mask, bias) the definition gives: a band for local, the layout for sparse, the
+    hand-made bias (and the causal mask) for relative."""
+    if name == "local":
+        return band(n, attn.cfg.window, causal), None
+    if name == "sparse":
+        return attn.dense_mask(n, causal), None
+    if attn.cfg.kind == "t5":
+        bias = t5_bias_by_hand(attn, n, causal).detach()
+    else:
+        slopes = variants.build("relative", kind="alibi", num_heads=attn.cfg.num_heads).slopes
+        bias = alibi_bias_by_hand(slopes.tolist(), n, causal)
+    return (causal_mask(n) if causal else None), bias
+
+
+GROUPED = [
+    ("local", dict(window=5)),
+    ("local", dict(window=0)),
+    ("sparse", dict(pattern="fixed", block_size=8, stride=2)),
+    ("sparse", dict(pattern="strided", block_size=8, stride=2)),
+    ("sparse", dict(pattern="bigbird", block_size=8)),
+    ("relative", dict(kind="t5", chunk_size=8)),
+    ("relative", dict(kind="alibi", chunk_size=8)),
+]
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name, options", GROUPED)
+def test_grouped_heads_match_the_oracle_forward_and_gradients(name, options, causal, kv_heads):
+    """k, v at kv_heads, used in place: output and gradients (dk, dv summed over each group)
+    equal the oracle on key/value heads repeated for their query heads."""
+    H, n = 4, 45
+    attn = variants.build(name, num_heads=H, kv_heads=kv_heads, **options).double()
+    if attn.unsupported(causal=causal, kv_heads=kv_heads):
+        return  # bigbird has no causal form (tested above)
+    q, k, v = grouped_qkv(H, kv_heads, n, requires_grad=True)
+    mask, bias = oracle_of(attn, name, n, causal)
+    grads = []
+    for compute in (
+        lambda: attn(q, k, v, causal=causal),
+        lambda: softmax_attention(q, repeat_kv(k, H), repeat_kv(v, H), mask=mask, bias=bias),
+    ):
+        for t in (q, k, v):
+            t.grad = None
+        out = compute()
+        out.square().sum().backward()
+        grads.append([out.detach()] + [t.grad.clone() for t in (q, k, v)])
+    for ours, ref in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, ref, **TOL)
+
+
+def prefill_then_decode(attn, q, k, v, m: int):
+    """Rows of prefill over the first m tokens, then one decode step per remaining token."""
+    out, cache = attn.prefill(q[:, :, :m], k[:, :, :m], v[:, :, :m])
+    rows = [out]
+    for t in range(m, q.shape[2]):
+        step = (x[:, :, t : t + 1] for x in (q, k, v))
+        out, cache = attn.decode(*step, cache)
+        rows.append(out)
+    return torch.cat(rows, dim=2), cache
+
+
+DECODING = [
+    ("local", dict(window=0)),
+    ("local", dict(window=5)),
+    ("local", dict(window=70)),  # longer than the sequence
+    ("relative", dict(kind="t5", chunk_size=8)),
+    ("relative", dict(kind="alibi", chunk_size=8)),
+    ("sparse", dict(pattern="fixed", block_size=4, stride=3)),
+    ("sparse", dict(pattern="strided", block_size=4, stride=3)),
+]
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("name, options", DECODING)
+def test_prefill_then_decode_matches_the_causal_oracle(name, options, kv_heads):
+    """Every decoded row equals the oracle's causal row: local's band (the rolling window),
+    relative's bias by distance (T5's causal buckets, ALiBi's slopes), sparse's layout row."""
+    H, n = 4, 50
+    attn = variants.build(name, num_heads=H, kv_heads=kv_heads, **options).double()
+    q, k, v = grouped_qkv(H, kv_heads, n)
+    mask, bias = oracle_of(attn, name, n, causal=True)
+    ref = softmax_attention(q, repeat_kv(k, H), repeat_kv(v, H), mask=mask, bias=bias)
+    for m in (1, 9, 30):
+        rows, _ = prefill_then_decode(attn, q, k, v, m)
+        torch.testing.assert_close(rows, ref, **TOL)
+
+
+def test_local_decoding_state_is_bounded_by_the_window():
+    """The rolling window holds the last `window` tokens whatever the context: cache_bytes is
+    constant once n passes the window, and the buffers never exceed window + 1 slots."""
+    window, d = 16, 16
+    attn = variants.build("local", window=window, num_heads=2, kv_heads=1).double()
+    q, k, v = grouped_qkv(2, 1, 200)
+    per_token = 2 * q.shape[0] * 1 * d * 8  # k and v, the batch, one key/value head, float64
+    sizes, slots = [], []
+    _, cache = attn.prefill(q[:, :, :3], k[:, :, :3], v[:, :, :3])
+    for t in range(3, 200):
+        _, cache = attn.decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], cache)
+        sizes.append(attn.cache_bytes(cache))
+        slots.append(cache.k.shape[2])
+    assert sizes[: window - 3] == [(t + 1) * per_token for t in range(3, window)]
+    assert set(sizes[window:]) == {window * per_token}
+    assert max(slots) == window + 1
+    _, long = attn.prefill(q, k, v)  # a long prompt: the same bound
+    assert attn.cache_bytes(long) == window * per_token and long.k.shape[2] == window + 1
+    model = attn.cache_model(batch=2, seq_len=10**6, head_dim=d, kv_heads=1, dtype=torch.float64)
+    assert model == window * per_token
+
+
+def test_sparse_decoding_needs_a_fixed_stride():
+    """The default stride grows with n, so a decoded sequence would change layout as it
+    grows: decode says so and what to set; bigbird has no causal form at all."""
+    attn = variants.build("sparse")
+    assert any("stride" in r for r in attn.decode_unsupported())
+    q = torch.randn(1, 8, 16, 8)
+    with pytest.raises(variants.Unsupported, match="stride"):
+        attn.prefill(q, q, q)
+    assert variants.build("sparse", stride=4).decode_unsupported() == []
+    bigbird = variants.build("sparse", pattern="bigbird", stride=4)
+    assert any("causal" in r for r in bigbird.decode_unsupported())
+
+
+def test_sparse_keeps_a_few_block_level_plans():
+    """Plans are kept for the last few lengths only, and hold block-level facts: at
+    n = 65536 the token-level masks kept before took about 270 MB."""
+    from variants.sparse import PLANS_KEPT
+
+    attn = variants.build("sparse", block_size=8, num_heads=1)
+    for n in range(40, 40 + 8 * (PLANS_KEPT + 3), 8):
+        q = torch.randn(1, 1, n, 4)
+        attn(q, q, q)
+    assert len(attn._plans) == PLANS_KEPT
+    plan = variants.build("sparse").plan(65536, 64, causal=False)
+    tensors = [t for g in plan.groups for t in (g.tiles, g.keys, g.seen, g.repeat)]
+    held = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    assert held < 8 * 2**20
+
+
+def test_local_float16_overflow_in_a_hidden_pair_stays_hidden():
+    """A hidden pair whose q.k overflows float16 (+inf) is masked with masked_fill; as an
+    additive -inf bias it gave -inf + inf = NaN in every row of its slab."""
+    n, d, window = 64, 8, 4
+    q, k = torch.zeros(1, 1, n, d), torch.full((1, 1, n, d), 0.0)
+    q[..., 0], k[..., 0] = 1000.0, 0.01
+    k[:, :, 48:, 0] = 1000.0  # keys 48.. overflow against every query
+    v = torch.randn(1, 1, n, d)
+    out = variants.build("local", window=window)(q.half(), k.half(), v.half())
+    ref = softmax_attention(q, k, v, mask=band(n, window, causal=False))
+    rows = slice(0, 40)  # rows that see only small keys (their slabs hold the large ones)
+    assert torch.isfinite(out[:, :, rows]).all()
+    assert relative_error(out[:, :, rows], ref[:, :, rows]) < 4e-3
 
 
 # --- properties shared by the family --------------------------------------------------------
@@ -404,7 +602,7 @@ TWIN_CASES = [
     ("local", dict(window=5), False),
     ("sparse", dict(pattern="fixed", block_size=8, stride=2), True),
     ("sparse", dict(pattern="strided", block_size=8, stride=2), False),
-    ("sparse", dict(pattern="bigbird", block_size=8), False),
+    ("sparse", dict(pattern="bigbird", block_size=8, num_heads=2), False),
     ("relative", dict(kind="t5", num_heads=2), True),
     ("relative", dict(kind="t5", num_heads=2), False),
     ("relative", dict(kind="alibi", num_heads=2), True),
@@ -433,6 +631,14 @@ def test_flex_relative_shares_the_bias_parameter():
     torch.testing.assert_close(after, flex.inner(q, k, v), **TOL)
     (only,) = flex.parameters()  # one parameter, the twin's own
     assert only is flex.inner.t5_bias
+
+
+def test_flex_sparse_follows_bigbirds_per_head_layout():
+    """Its block mask is made per head (H=None would give every head the first's blocks)."""
+    flex = twin("flex_sparse", pattern="bigbird", block_size=8, num_heads=4, kv_heads=2)
+    q, k, v = grouped_qkv(4, 2, 160)
+    assert not torch.equal(flex.inner.layout(160)[0], flex.inner.layout(160)[1])
+    torch.testing.assert_close(flex(q, k, v), flex.inner(q, k, v), **TOL)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Shortcut probes (../shared/design/tasks.md, "No shortcuts"): simple rules that look at a few
+"""Shortcut probes (docs/tasks.md, "No shortcuts"): simple rules that look at a few
 pixels or positions must stay near chance on the data of every preset (ci, cpu, gpu sizes).
 
 Every rule is fitted on one generated split (train) and scored on another (test). A rule fails

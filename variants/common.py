@@ -64,6 +64,20 @@ def itemsize(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def add_bmm(acc, a, b, *, beta=1.0, alpha=1.0) -> None:
+    """acc = beta acc + alpha (a @ b), in place (acc may be a view). Through baddbmm's out=
+    overload: FlopCounterMode counts it, not the in-place baddbmm_ (beta=0: acc is not read)."""
+    torch.baddbmm(acc, a, b, beta=beta, alpha=alpha, out=acc)
+
+
+def ceiling(hidden: torch.Tensor, dtype) -> torch.Tensor:
+    """A bool mask as a float cap: -inf where hidden, +inf elsewhere. ``scores.clamp_max_(cap)``
+    hides exactly what ``masked_fill_(hidden, -inf)`` does, for every score (an overflowed +inf
+    too, where a -inf bias would give NaN), and is about 5x faster on CPU."""
+    cap = torch.full(hidden.shape, float("inf"), dtype=dtype, device=hidden.device)
+    return cap.masked_fill_(hidden, float("-inf"))
+
+
 def softmax_(scores: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim, in place when autograd does not need the scores: a fresh
     output as large as the scores costs page faults and about a fifth of the call."""

@@ -21,16 +21,13 @@ from dataclasses import dataclass
 import torch
 
 from .common import (
-    KVCache,
-    append,
     group_queries,
     itemsize,
     softmax_,
     softmax_scale,
-    start_cache,
     ungroup,
 )
-from .registry import Common, DenseAttention, Unsupported, register
+from .registry import Common, DenseAttention, KVCacheDecoding, register
 
 
 @dataclass
@@ -277,40 +274,6 @@ def chunked_memory(batch, heads, seq_len, head_dim, causal, dtype, backward, kv_
 
 
 # --- decoding ---------------------------------------------------------------------------------
-class KVCacheDecoding:
-    """prefill / decode / cache_bytes over a KV cache (variants.common.KVCache), for an exact
-    variant whose :meth:`step` attends one new query to every key the cache holds: the new
-    token sees all of them and itself, so no mask is needed."""
-
-    def step(self, q_t, keys, values):
-        """q_t (B, H, 1, d) against keys, values (B, KV, n, d): (B, H, 1, d)."""
-        raise NotImplementedError
-
-    def prefill(self, q, k, v):
-        self._check_decodes(q, k)
-        return self(q, k, v, causal=True), start_cache(k, v)
-
-    def decode(self, q_t, k_t, v_t, cache: KVCache):
-        self._check_decodes(q_t, k_t)
-        cache = append(cache, k_t, v_t)  # the cache passed in still sees its own tokens only
-        return self.step(q_t, cache.keys, cache.values), cache
-
-    def _check_decodes(self, q, k) -> None:
-        reasons = self.decode_unsupported(device=q.device, dtype=q.dtype)
-        reasons = reasons or self.unsupported(
-            device=q.device, dtype=q.dtype, causal=True, kv_heads=k.shape[1]
-        )
-        if reasons:
-            raise Unsupported(f"{self.name}: " + "; ".join(reasons))
-
-    def cache_bytes(self, cache: KVCache) -> int:
-        return cache.nbytes()
-
-    def cache_model(self, *, batch, seq_len, head_dim, kv_heads, dtype=torch.float32):
-        """Keys and values of every token at kv_heads."""
-        return 2 * batch * kv_heads * seq_len * head_dim * itemsize(dtype)
-
-
 # --- the variant ------------------------------------------------------------------------------
 @register("full", config=FullConfig)
 class Full(KVCacheDecoding, DenseAttention):

@@ -1,6 +1,6 @@
 """The variant registry: the one way every attention implementation is reached.
 
-See ``../shared/design/variants-api.md``. A variant is a subclass of :class:`Attention` with a
+See docs/variants-api.md. A variant is a subclass of :class:`Attention` with a
 typed config dataclass (a subclass of :class:`Common`), registered under one name with
 :func:`register`. The harness, the tests and the reports reach variants only through
 :func:`available` and :func:`build`.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .common import dense_flops, softmax_flops
+from .common import KVCache, append, dense_flops, itemsize, softmax_flops, start_cache
 
 
 class Unsupported(NotImplementedError):
@@ -190,6 +190,40 @@ class DenseAttention(Attention):
     def decode_flops(self, *, batch, heads, seq_len, head_dim, kv_heads=None):
         """The new query against the context and itself: seq_len + 1 keys."""
         return softmax_flops(batch=batch, heads=heads, pairs=seq_len + 1, head_dim=head_dim)
+
+
+class KVCacheDecoding:
+    """prefill / decode / cache_bytes over a KV cache (variants.common.KVCache), for an exact
+    variant whose :meth:`step` attends one new query to every key the cache holds: the new
+    token sees all of them and itself, so no mask is needed."""
+
+    def step(self, q_t, keys, values):
+        """q_t (B, H, 1, d) against keys, values (B, KV, n, d): (B, H, 1, d)."""
+        raise NotImplementedError
+
+    def prefill(self, q, k, v, *, output: bool = True):
+        self._check_decodes(q, k)
+        return (self(q, k, v, causal=True) if output else None), start_cache(k, v)
+
+    def decode(self, q_t, k_t, v_t, cache: KVCache):
+        self._check_decodes(q_t, k_t)
+        cache = append(cache, k_t, v_t)  # the cache passed in still sees its own tokens only
+        return self.step(q_t, cache.keys, cache.values), cache
+
+    def _check_decodes(self, q, k) -> None:
+        reasons = self.decode_unsupported(device=q.device, dtype=q.dtype)
+        reasons = reasons or self.unsupported(
+            device=q.device, dtype=q.dtype, causal=True, kv_heads=k.shape[1]
+        )
+        if reasons:
+            raise Unsupported(f"{self.name}: " + "; ".join(reasons))
+
+    def cache_bytes(self, cache: KVCache) -> int:
+        return cache.nbytes()
+
+    def cache_model(self, *, batch, seq_len, head_dim, kv_heads, dtype=torch.float32):
+        """Keys and values of every token at kv_heads."""
+        return 2 * batch * kv_heads * seq_len * head_dim * itemsize(dtype)
 
 
 def _check_inputs(q, k, v):

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .common import itemsize
-from .full import KVCacheDecoding
-from .registry import DenseAttention, Unsupported, register
+from .registry import DenseAttention, KVCacheDecoding, Unsupported, register
 
 HALF = (torch.float16, torch.bfloat16)
 

@@ -14,8 +14,7 @@ import functools
 
 import torch
 
-from .full import KVCacheDecoding
-from .registry import DenseAttention, Unsupported, register
+from .registry import DenseAttention, KVCacheDecoding, Unsupported, register
 from .sdpa import fused_memory
 
 
