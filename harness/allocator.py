@@ -97,10 +97,11 @@ def _set_decay(mallctl, ms: int) -> None:
         mallctl(name, None, None, ctypes.byref(value), ctypes.sizeof(value))
 
 
-def exact_peak_start() -> None:
-    """Before a call whose peak memory is measured: give every freed page back to the OS, so
-    that what the call needs is faulted in (and counted), and make jemalloc free pages at
-    once during the call, as glibc does for big blocks, so its cache is not counted either."""
+def release() -> None:
+    """Give every freed page back to the OS (glibc: ``malloc_trim``; jemalloc: a purge). The
+    worker calls it between cells: a cache is for the repeated calls of one cell, and what a
+    cell of 8 GB left behind must not sit beside the next one's 8 GB (the kernel's OOM killer
+    ended such a cell at n = 16384 before this)."""
     mallctl = _mallctl()
     if mallctl is None:
         try:
@@ -109,8 +110,17 @@ def exact_peak_start() -> None:
             pass
         return
     mallctl(b"thread.tcache.flush", None, None, None, 0)
-    _set_decay(mallctl, 0)
     mallctl(f"arena.{ALL_ARENAS}.purge".encode(), None, None, None, 0)
+
+
+def exact_peak_start() -> None:
+    """Before a call whose peak memory is measured: give every freed page back to the OS, so
+    that what the call needs is faulted in (and counted), and make jemalloc free pages at
+    once during the call, as glibc does for big blocks, so its cache is not counted either."""
+    mallctl = _mallctl()
+    if mallctl is not None:
+        _set_decay(mallctl, 0)
+    release()
 
 
 def exact_peak_stop() -> None:

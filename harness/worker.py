@@ -85,6 +85,7 @@ def _handle(job: dict) -> dict:
     finally:
         gc.collect()
         _empty_cuda_cache()
+        allocator.release()  # the next cell starts without this one's cached pages
 
 
 def _use_device(device: str) -> None:

@@ -350,33 +350,53 @@ def test_injected_slowdown_selects_passes_and_causal_cells():
         validate.check(compose_cfg("+inject_slowdown={local@bwd:1.5}"))
 
 
-@pytest.mark.slow
-def test_kill_halfway_then_resume_gives_every_row_once(tmp_path):
-    overrides = [*TINY, "sweep.variants=[full,sdpa_math]", "sweep.seq_lens=[32,64]"]
-    overrides += ["sweep.min_run_time=0.3", f"results_dir={tmp_path}", "run_id=k"]
-    proc = subprocess.Popen(
+def start_sweep(overrides: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
         [sys.executable, "-m", "harness", *overrides],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    csv_path = tmp_path / "k" / "results.csv"
-    deadline = time.time() + 120
+
+
+def wait_for_lines(path: Path, lines: int, proc, timeout=120) -> None:
+    deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if csv_path.exists() and len(csv_path.read_text().splitlines()) >= 3:  # 2 rows done
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    partial = read_rows(tmp_path / "k")
-    assert 2 <= len(partial) < 8
+        if path.exists() and len(path.read_text().splitlines()) >= lines:
+            return
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_kills_at_several_moments_then_resumes_give_every_row_once(tmp_path):
+    """SIGKILL after 0, 1, 3 and 5 rows (rounds: rows of one cell in different rounds), a
+    SIGTERM, each followed by a resume; at the end every (cell, round) is there exactly once,
+    no line is torn, and the pooled table equals the plan of an uninterrupted run."""
+    overrides = [*TINY, "sweep.variants=[full,sdpa_math]", "sweep.seq_lens=[32,64]"]
+    overrides += ["sweep.min_run_time=0.2", "sweep.rounds=2", f"results_dir={tmp_path}"]
+    csv_path = tmp_path / "k" / "results.csv"
+    for i, (rows, sig) in enumerate([(1, "KILL"), (2, "KILL"), (4, "TERM"), (6, "KILL")]):
+        proc = start_sweep([*overrides, "run_id=k" if i == 0 else "resume=k"])
+        wait_for_lines(csv_path, rows, proc)
+        os.killpg(proc.pid, getattr(signal, f"SIG{sig}"))
+        proc.wait(60)
+        if sig == "TERM":  # stopped in order: the run says it was interrupted
+            meta = json.loads((tmp_path / "k" / "meta.json").read_text())
+            assert (meta.get("resumes") or [meta])[-1].get("interrupted")
+            assert results.read_run(tmp_path / "k").status == "interrupted"
     run(compose_cfg(*overrides, "resume=k"))
-    rows = read_rows(tmp_path / "k")
-    cfg = compose_cfg(*[o for o in overrides if o != "run_id=k"])  # the plan of a new run
+    assert csv_path.read_text().endswith("\n")
+    written = read_rows(tmp_path / "k")
+    per_round = [(*k, r["round"]) for k, r in zip(keys(written), written, strict=True)]
+    assert len(per_round) == len(set(per_round)) == 16  # 8 cells x 2 rounds, each once
+    cfg = compose_cfg(*overrides, "run_id=fresh")  # the plan of a new run
     expected = [row_key(sweep.cell_row(c))[1:] for c in sweep.grid(validate.check(cfg), cfg.sweep)]
-    assert sorted(keys(rows)) == sorted(expected)  # the same rows as an uninterrupted run
-    assert {r["status"] for r in rows} == {"ok"}
+    pooled = results.read_run(tmp_path / "k").rows
+    assert sorted(tuple(results.key_text(x) for x in r) for r in pooled[CELL_KEY].values) == sorted(
+        expected
+    )
+    assert set(pooled["status"]) == {"ok"} and results.read_run(tmp_path / "k").status == "ok"
 
 
 # --- measurements against the models ----------------------------------------------------------
@@ -457,6 +477,21 @@ def test_command_line_refuses_cleanly(tmp_path, override, message):
     assert message in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_run_elsewhere_puts_its_report_beside_its_results(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no reports/ may appear in the current directory
+    out = tmp_path / "somewhere"
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness", *TINY[:-1], "sweep.variants=[full]", f"results_dir={out}",
+         "run_id=r"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "r" / "report" / "index.html").is_file()
+    assert not (tmp_path / "reports").exists()
+    assert f"report: {out / 'r' / 'report' / 'index.html'}" in proc.stdout
 
 
 def test_shape_order_puts_every_variant_of_a_shape_together():

@@ -235,18 +235,28 @@ def shared_keys_and_buckets(q, rotations):
     return keys.to(q.dtype), buckets
 
 
+def exp_floor(dtype) -> float:
+    """Half the exponent range of float32 (or of float64): float16's own range is too narrow
+    to serve (its floor would be e^-4.9), and e^-43.7 rounds to 0 in half precision anyway."""
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    return math.log(torch.finfo(wide).tiny) / 2
+
+
 def exp_scores(scores):
     """exp(scores - row max) in place (a fresh rounds-by-n-by-2c buffer costs more than the
     extra pass: its pages are new), with each row's sum and log-sum-exp. The max is only a
     stabiliser: detached, the lse's gradient is still exactly the softmax.
 
-    Exponents are clamped at -80 first: e^-80 is 0 next to the row's e^0 = 1 at any precision
-    we check, and CPU exp is ~6x slower on inputs that underflow (the masked pairs). Outside
+    Exponents are clamped first, at half the dtype's exponent range (-43.7 in float32): CPU exp
+    is ~6x slower on inputs that underflow (the masked pairs), and a probability near the
+    smallest normal (e^-80) turns the backward's products into subnormals, which made a
+    training step of the LRA text model 3x slower on small activations (subnormal arithmetic
+    is slow on CPUs). e^-43.7 ~ 1e-19 is still 0 next to the row's e^0 = 1 in float32. Outside
     autograd: recorded, the in-place clamp would save a copy of the scores."""
     top = scores.amax(-1, keepdim=True).detach()  # (G, c, 1)
     scores.sub_(top)
-    with torch.no_grad():  # numerical only (value and gradient are 0 below e^-80 anyway)
-        scores.clamp_min_(-80.0)
+    with torch.no_grad():  # numerical only (value and gradient are ~0 below the floor)
+        scores.clamp_min_(exp_floor(scores.dtype))
     expd = scores.exp_()
     total = expd.sum(-1)  # (G, c); >= 1: the max contributes exp(0)
     return expd, total, top[..., 0] + total.log()
