@@ -287,11 +287,17 @@ def read_patterns(run_dir: Path) -> dict | None:
 
 
 # --- provenance ---------------------------------------------------------------------------------
+OUTPUT_PATHSPECS = (":(exclude)results", ":(exclude)reports")
+
 def git_commit() -> str:
-    """HEAD's hash, with ``+dirty`` when tracked files differ from it."""
+    """HEAD's hash, with ``+dirty`` when tracked code differs from it.
+
+    The repository's own output folders (``results/``, ``reports/``) are left out: a run that
+    replaces a committed run folder changes them without changing the code that measures.
+    """
     try:
         head = _git("rev-parse", "HEAD")
-        dirty = _git("status", "--porcelain", "--untracked-files=no")
+        dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *OUTPUT_PATHSPECS)
     except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
         return "unknown"
     return head + ("+dirty" if dirty else "")

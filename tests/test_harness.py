@@ -636,3 +636,21 @@ except OSError as e:
     assert "ERROR could not write a row" in proc.stdout and "resume the run" in proc.stdout
     rows = results.ResultsFile(tmp_path / "results.csv").rows()
     assert rows[0]["variant"] == "full" and all(r["status"] == "ok" for r in rows)
+
+
+def test_git_commit_is_dirty_for_code_and_clean_for_output_folders(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    (repo / "results" / "run").mkdir(parents=True)
+    (repo / "results" / "run" / "results.csv").write_text("a\n")
+    (repo / "code.py").write_text("x = 1\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], check=True)
+    monkeypatch.setattr(results, "REPO", repo)
+    head = results.git_commit()
+    assert len(head) == 40 and not head.endswith("+dirty")
+    shutil.rmtree(repo / "results" / "run")  # a run replacing its committed folder
+    assert results.git_commit() == head
+    (repo / "code.py").write_text("x = 2\n")
+    assert results.git_commit() == head + "+dirty"
