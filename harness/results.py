@@ -289,6 +289,7 @@ def read_patterns(run_dir: Path) -> dict | None:
 # --- provenance ---------------------------------------------------------------------------------
 OUTPUT_PATHSPECS = (":(exclude)results", ":(exclude)reports")
 
+
 def git_commit() -> str:
     """HEAD's hash, with ``+dirty`` when tracked code differs from it.
 
