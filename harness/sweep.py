@@ -228,9 +228,10 @@ def run(cfg, overrides: list[str] | None = None) -> Path:
 
 
 def _run_locked(cfg, plan: Plan, run_dir: Path, run_id: str, overrides) -> Path:
-    table = res.ResultsFile(run_dir / res.RESULTS)
     prov = res.provenance(run_id, plan.device, plan.threads)
+    # meta.json before the first line of results.csv: a run killed at any moment is resumable
     meta = start_meta(cfg, plan, run_dir, prov, overrides)
+    table = res.ResultsFile(run_dir / res.RESULTS)
     started = time.perf_counter()
     worker = Worker(plan.threads, plan.device, plan.allocator)
     counts: Counter = Counter()

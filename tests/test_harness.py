@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -351,21 +352,28 @@ def test_injected_slowdown_selects_passes_and_causal_cells():
 
 
 def start_sweep(overrides: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
+    log = tempfile.TemporaryFile(mode="w+")  # a pipe would fill up with progress bars
+    proc = subprocess.Popen(
         [sys.executable, "-m", "harness", *overrides],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=log,
         start_new_session=True,
     )
+    proc.log = log
+    return proc
 
 
 def wait_for_lines(path: Path, lines: int, proc, timeout=120) -> None:
+    """Until results.csv has ``lines`` lines; a sweep that exits first fails, saying why."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if path.exists() and len(path.read_text().splitlines()) >= lines:
             return
         time.sleep(0.02)
+    if proc.poll() is not None:
+        proc.log.seek(0)
+        pytest.fail(f"the sweep exited ({proc.returncode}) first: {proc.log.read()[-2000:]}")
 
 
 @pytest.mark.slow
