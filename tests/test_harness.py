@@ -662,3 +662,21 @@ def test_git_commit_is_dirty_for_code_and_clean_for_output_folders(tmp_path, mon
     assert results.git_commit() == head
     (repo / "code.py").write_text("x = 2\n")
     assert results.git_commit() == head + "+dirty"
+
+
+def test_a_run_stopped_as_its_results_file_opens_is_resumable(tmp_path, monkeypatch):
+    """meta.json is written before results.csv's first line: a sweep stopped at that moment
+    (the old order left a header without meta.json, which no resume could read) resumes."""
+    overrides = ["sweep.variants=[full]", "sweep.passes=[fwd]"]
+
+    def stopped(path):
+        raise KeyboardInterrupt  # the kill, at the moment the results file would be opened
+
+    monkeypatch.setattr(sweep.res, "ResultsFile", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny(tmp_path, *overrides, "run_id=s"))
+    assert (tmp_path / "s" / "meta.json").is_file()
+    monkeypatch.undo()
+    run(tiny(tmp_path, *overrides, "resume=s"))
+    rows = read_rows(tmp_path / "s")
+    assert [(r["variant"], r["pass"], r["status"]) for r in rows] == [("full", "fwd", "ok")]
