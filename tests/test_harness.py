@@ -4,6 +4,7 @@ measures nothing twice, the measurements agree with the variants' own models."""
 from __future__ import annotations
 
 import csv
+import fcntl
 import fnmatch
 import json
 import os
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -576,30 +578,40 @@ def test_a_held_run_folder_is_refused_at_once_naming_its_holder(tiny_run, tmp_pa
         pass
 
 
+def test_a_sweep_starting_while_a_reader_probes_the_lock_is_not_refused(tmp_path):
+    """locked() (a report reading run status) takes the flock for a moment; a sweep that
+    starts in that moment waits it out instead of failing as if another sweep held it."""
+    (tmp_path / "r").mkdir()
+    probe = os.open(tmp_path / "r" / results.LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(probe, fcntl.LOCK_EX)  # a probe caught mid-way, held longer than any real one
+    threading.Timer(0.3, os.close, [probe]).start()
+    with results.RunLock(tmp_path / "r"):
+        assert results.locked(tmp_path / "r")
+    assert not results.locked(tmp_path / "r")
+
+
 @pytest.mark.slow
 def test_resume_of_a_run_another_sweep_holds_exits_within_seconds(tmp_path):
-    overrides = [*TINY, "sweep.variants=[full]", "sweep.min_run_time=2", f"results_dir={tmp_path}"]
-    first = subprocess.Popen(
-        [sys.executable, "-m", "harness", *overrides, "run_id=h"], cwd=ROOT,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    overrides = [*TINY, "sweep.variants=[full]", "sweep.min_run_time=6", f"results_dir={tmp_path}"]
+    first = start_sweep([*overrides, "run_id=h"])  # 2 cells of 6 s: the second comes mid-run
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not results.locked(tmp_path / "h"):
-            time.sleep(0.1)
+        wait_for_lines(tmp_path / "h" / "results.csv", 1, first)  # holding the lock, mid-run
         start = time.time()
         second = subprocess.run(
             [sys.executable, "-m", "harness", *overrides, "resume=h"], cwd=ROOT,
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
-        assert second.returncode != 0 and time.time() - start < 30
+        assert second.returncode != 0 and time.time() - start < 30, second.stderr
         assert f"pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
         first.wait(timeout=300)
+        first.log.seek(0)
+        log = first.log.read()[-3000:]
+        assert first.returncode == 0, log
         meta = json.loads((tmp_path / "h" / "meta.json").read_text())
-        assert "resumes" not in meta and meta["finished"]  # the refused resume wrote nothing
+        assert "resumes" not in meta and meta.get("finished"), (meta, log)  # nothing written
         assert len(read_rows(tmp_path / "h")) == 2  # each row once
     finally:
-        first.kill()
+        os.killpg(first.pid, signal.SIGKILL) if first.poll() is None else None
         first.wait()
 
 
