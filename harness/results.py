@@ -545,7 +545,7 @@ def load(paths) -> tuple[list[Run], pd.DataFrame]:
         df = run.rows.copy()
         df["run_dir"] = str(run.path)
         df["run_name"] = run.name
-        for col in ("git_commit", "run_id", "torch_version", "cpu", "gpu"):
+        for col in ("git_commit", "run_id", "torch_version", "cpu", "gpu", "device"):
             df[col] = df[col].where(df[col].astype(str) != "", str(run.meta.get(col, "") or ""))
         frames.append(df)
     rows = pd.concat(frames, ignore_index=True) if frames else frame([])

@@ -745,3 +745,14 @@ def test_page_in_headless_chromium_shows_every_plot_and_sorts(full_report, tmp_p
     images, problems = check_report.check_page(page, check_report.find_chromium(None), shot)
     assert images > 10 and problems == []
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rows_written_without_a_device_take_their_runs(tmp_path):
+    """Task runs once wrote approx rows with no device: they belong to the run's machine, not
+    to a machine of their own ("?: Test CPU") in the runs table and the approx section."""
+    from harness.report.load import load
+
+    rows = accuracy_rows(np.random.default_rng(0))
+    rows = [r | {"device": ""} if r["kind"] == "approx" else r for r in rows]
+    data = load([write_run(tmp_path / "t", rows)])
+    assert set(data.rows["machine"]) == {"cpu: Test CPU, 2 threads"}

@@ -329,6 +329,7 @@ def test_run_task_ci_rows_seeds_and_resume(tmp_path, test_variants):
     appr = {(r["variant"], r["input"], r["seed"]) for r in rows["approx"]}
     assert ("local", "trained", "0") in appr and ("local", "trained", "1") in appr
     assert ("local", "random", "0") in appr and not any(v == "full" for v, _, _ in appr)
+    assert {r["device"] for r in rows["approx"]} == {"cpu"}  # a report groups rows by machine
     steps = {r["variant"]: r for r in rows["train_step"] if r["status"] == "ok"}
     assert steps["local"]["options"] == acc[("local", "0")]["options"]  # the trained options
     before = (run_dir / "results.csv").read_text()

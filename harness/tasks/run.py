@@ -195,6 +195,7 @@ def run_task(cfg, plan, table, prov, worker) -> Counter:
             for r in [row, *extra]:
                 r = {**r, "kind": r.get("kind") or "approx", "task": task["name"]}
                 r.setdefault("seed", seed)
+                r.setdefault("device", str(plan.device))  # approx rows: measured there too
                 table.append({**r, **prov, "timestamp": res.now()})
             counts[row["status"]] += 1
     return counts
