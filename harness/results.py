@@ -196,6 +196,9 @@ class RunLocked(RuntimeError):
     """Another process is writing this run folder."""
 
 
+PROBE_GRACE_S = 1.0  # locked() holds the lock for a moment: a sweep starting then waits it out
+
+
 class RunLock:
     """An exclusive ``flock`` on ``<run_dir>/.lock`` for as long as a sweep writes the folder.
 
@@ -227,9 +230,6 @@ class RunLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
-
-
-PROBE_GRACE_S = 1.0  # locked() holds the lock for a moment: a sweep starting then waits it out
 
 
 def _flock_within(fd: int, seconds: float) -> bool:

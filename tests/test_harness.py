@@ -611,7 +611,8 @@ def test_resume_of_a_run_another_sweep_holds_exits_within_seconds(tmp_path):
         assert "resumes" not in meta and meta.get("finished"), (meta, log)  # nothing written
         assert len(read_rows(tmp_path / "h")) == 2  # each row once
     finally:
-        os.killpg(first.pid, signal.SIGKILL) if first.poll() is None else None
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
         first.wait()
 
 
