@@ -30,10 +30,36 @@ DTYPES = {
 
 
 # --- time -------------------------------------------------------------------------------------
+MAX_BLOCKS = 1000  # samples kept per cell: a row's samples_ms stays a few kB however long it ran
+
+
 def time_fn(fn: Callable, *, threads: int, min_run_time: float, min_blocks: int) -> list[float]:
     """Seconds per call, one sample per timed block: blocks of a size chosen by the Timer (one
     estimate, which is also a warm-up) until ``min_run_time`` has passed AND ``min_blocks``
-    blocks are timed. The Timer synchronises CUDA itself."""
+    blocks are timed, then at most ``MAX_BLOCKS`` of them (``merge_blocks``). The Timer
+    synchronises CUDA itself."""
+    return merge_blocks(
+        _timed_blocks(fn, threads, min_run_time, min_blocks), max(MAX_BLOCKS, min_blocks)
+    )
+
+
+def merge_blocks(per_call: list[float], cap: int) -> list[float]:
+    """At most ``cap`` samples: runs of consecutive blocks (sizes differing by at most one) are
+    merged into their mean, which is what one longer block of the same calls would have timed
+    (blocks hold equal numbers of calls). A fast cell timed for long would otherwise write tens
+    of thousands of samples into one CSV field."""
+    if len(per_call) <= cap:
+        return per_call
+    size, extra = divmod(len(per_call), cap)
+    out, start = [], 0
+    for i in range(cap):
+        end = start + size + (i < extra)
+        out.append(sum(per_call[start:end]) / (end - start))
+        start = end
+    return out
+
+
+def _timed_blocks(fn: Callable, threads: int, min_run_time: float, min_blocks: int) -> list[float]:
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     # blocked_autorange stops at min_run_time, and topping it up with timeit() would run two
     # warm-up calls per extra block; the loop under both, with our stop rule, runs none.

@@ -182,6 +182,9 @@ def _parse(text: str) -> list[dict]:
     """Rows of a results file; a last line without its newline is not a row."""
     if not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
+    # csv refuses a field over 128 kB by default; no field is longer than its file (a run
+    # written before time_fn kept at most MAX_BLOCKS samples can hold longer samples_ms)
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
     return list(csv.DictReader(io.StringIO(text)))
 
 

@@ -425,6 +425,28 @@ def test_summary_flags_noise():
     assert measure.summarize([1e-3, 2e-3, 1e-3, 3e-3])["noisy"]
 
 
+def test_merged_blocks_are_the_means_of_consecutive_runs_of_blocks():
+    assert measure.merge_blocks([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], 3) == [2.0, 4.5, 6.5]
+    assert measure.merge_blocks([1.0, 2.0], 3) == [1.0, 2.0]
+
+
+def test_a_fast_cell_timed_for_long_keeps_a_bounded_number_of_samples(monkeypatch):
+    """CI once wrote a samples_ms over csv's 128 kB field limit (a 6 s cell of microseconds),
+    and the sweep failed reading its own results back."""
+    monkeypatch.setattr(measure, "MAX_BLOCKS", 5)
+    got = measure.time_fn(lambda: None, threads=1, min_run_time=0.05, min_blocks=2)
+    assert 2 <= len(got) <= 5
+    assert len(measure.time_fn(lambda: None, threads=1, min_run_time=0.01, min_blocks=8)) >= 8
+
+
+def test_a_results_field_longer_than_csv_allows_by_default_is_read(tmp_path):
+    long = " ".join(["0.00123"] * 30_000)  # 240 kB, as written before samples were bounded
+    table = results.ResultsFile(tmp_path / "results.csv")
+    table.append({"kind": "speed", "variant": "full", "status": "ok", "samples_ms": long})
+    assert [r["samples_ms"] for r in table.rows()] == [long]
+    assert len(results.samples(results.read_run(tmp_path).rows["samples_ms"].iloc[0])) == 30_000
+
+
 # --- refusing bad input -----------------------------------------------------------------------
 BAD = [
     ("sweep.variants=[nope]", "available: "),
