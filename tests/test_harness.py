@@ -433,10 +433,20 @@ def test_merged_blocks_are_the_means_of_consecutive_runs_of_blocks():
 def test_a_fast_cell_timed_for_long_keeps_a_bounded_number_of_samples(monkeypatch):
     """CI once wrote a samples_ms over csv's 128 kB field limit (a 6 s cell of microseconds),
     and the sweep failed reading its own results back."""
-    monkeypatch.setattr(measure, "MAX_BLOCKS", 5)
-    got = measure.time_fn(lambda: None, threads=1, min_run_time=0.05, min_blocks=2)
-    assert 2 <= len(got) <= 5
-    assert len(measure.time_fn(lambda: None, threads=1, min_run_time=0.01, min_blocks=8)) >= 8
+    timed = []  # the blocks as timed, before the cap
+
+    def spied(*args):
+        timed[:] = real(*args)
+        return list(timed)
+
+    real = measure._timed_blocks
+    monkeypatch.setattr(measure, "_timed_blocks", spied)
+    monkeypatch.setattr(measure, "MAX_BLOCKS", 3)
+    got = measure.time_fn(lambda: None, threads=1, min_run_time=0.3, min_blocks=2)
+    assert len(timed) > 3 and len(got) == 3  # merging happened (about 7 blocks here), to the cap
+    assert min(timed) <= min(got) <= max(got) <= max(timed)  # means of the timed blocks
+    few = measure.time_fn(lambda: None, threads=1, min_run_time=0.01, min_blocks=8)
+    assert len(few) >= 8  # min_blocks outranks the cap
 
 
 def test_a_results_field_longer_than_csv_allows_by_default_is_read(tmp_path):
